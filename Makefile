@@ -1,0 +1,60 @@
+# force-compress: every target runs inside the project's virtual environment ($(VENV)).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FC := $(BIN)/force-compress
+
+# `make compress` knobs; empty ones fall back to CompressConfig's defaults (pipeline/config.py).
+MODEL ?= models/resnet18.onnx
+SPARSITY ?= 0.9
+METHOD ?=
+DATA ?=
+EPOCHS ?=
+DEVICE ?=
+REGISTRY ?=
+QUICK ?=
+
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy compress serve clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+bench: bench-masks bench-train
+
+bench-masks: install
+	$(BIN)/python benchmarks/bench_masks.py
+
+bench-train: install
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-accuracy: install
+	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_accuracy.py
+
+# Any torchvision architecture at initialization, 10 classes at 32x32 (the digits default):
+# `make compress MODEL=resnet50.onnx` creates resnet50.onnx first when it does not exist.
+%.onnx: | install
+	$(FC) export-model $(basename $(notdir $@)) --out $@ --num-classes 10 --input-size 32 32
+
+compress: install $(MODEL)
+	$(FC) compress $(MODEL) --sparsity $(SPARSITY) \
+		$(if $(METHOD),--method $(METHOD)) $(if $(DATA),--data $(DATA)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) \
+		$(if $(REGISTRY),--registry $(REGISTRY))
+
+serve: install
+	$(FC) serve
+
+clean:
+	rm -rf runs registry models .pytest_cache

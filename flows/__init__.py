@@ -1,0 +1,1 @@
+"""Prefect wiring only: the `force-compress` flow runs the stages as tasks."""

@@ -1,0 +1,1 @@
+"""Shared plumbing: configuration, data, run directories and artifacts, errors; `cli.py` sits on top."""

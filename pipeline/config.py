@@ -1,0 +1,81 @@
+"""`CompressConfig`: the single source of defaults for the CLI, the Makefile and the Prefect flow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import BadInputError
+
+
+class CompressConfig(BaseModel):
+    """One compression request. Density = kept fraction, sparsity = pruned fraction; the user
+    speaks sparsity, `force_core` speaks density, and `density` converts once, here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="path to the input ONNX classifier")
+    sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of prunable weights to remove")
+    method: str = Field("force", description="mask method: force, iter_snip, snip, grasp, synflow, magnitude, random")
+    steps: int = Field(20, ge=1, le=1000, description="pruning steps (iterative methods)")
+    schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
+    mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
+    mask_batch_size: int = Field(128, ge=1, description="images per pruning mini-batch")
+
+    data: str = Field("digits", description="data spec: digits | imagefolder:PATH | npz:PATH")
+    image_size: tuple[int, int] | None = Field(None, description="H W for models with dynamic spatial size")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction scored by validation")
+    augment: bool = Field(True, description="random crop and flip while training")
+
+    epochs: int = Field(10, ge=0, le=10000, description="sparse-training epochs")
+    batch_size: int = Field(128, ge=1, description="training batch size")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum) or adamw")
+    lr: float = Field(0.1, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="weight decay")
+    lr_schedule: Literal["cosine", "step"] = Field("cosine", description="cosine, or step (x0.1 at 50% and 75%)")
+    seed: int = Field(0, description="seed for masks, data split and training")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device (onnxruntime follows)")
+
+    storage: Literal["dense", "sparse"] = Field("dense", description="exported weights: dense, or sparse_initializer")
+    min_accuracy: float = Field(0.5, ge=0.0, le=1.0, description="gate: minimum top-1 on the held-out split")
+    baseline_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="gate: accuracy to compare against")
+    max_drop: float | None = Field(None, ge=0.0, le=1.0, description="gate: largest allowed drop from baseline")
+    parity_tol: float = Field(1e-4, gt=0.0, description="max relative torch/onnxruntime difference")
+
+    name: str | None = Field(None, description="model name in the registry (default: the file's stem)")
+    registry: str = Field("registry", description="registry directory")
+    runs_dir: str = Field("runs", description="where run directories go")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from force_core import available_methods
+
+        if v not in available_methods():
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(available_methods()))}")
+        return v
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    @property
+    def model_name(self) -> str:
+        return self.name or Path(self.model).stem
+
+    def fingerprint(self) -> dict:
+        """Fields that change the result (not where it goes): the run id and stage caches key on it."""
+        return self.model_dump(exclude={"registry", "runs_dir", "name", "model"})
+
+
+def make_config(**values) -> CompressConfig:
+    """Build a config, turning pydantic's multi-line report into one clear line (exit code 2)."""
+    try:
+        return CompressConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "config"
+        raise BadInputError(f"invalid {field}: {first['msg']} (got {first.get('input')!r})") from None
