@@ -3,6 +3,25 @@
 Pure PyTorch: imports torch and numpy only, never onnx, onnxruntime, onnx2torch, prefect or click.
 """
 
-def available_methods() -> list[str]:
-    # Replaced by the method registry (issue: force_core).
-    return ["force", "iter_snip", "snip", "grasp", "synflow", "magnitude", "random"]
+from force_core import methods as _methods  # noqa: F401  (registers the built-in methods)
+from force_core.engine import PruningContext, compute_masks, density_schedule, kept_count
+from force_core.maskset import MaskSet
+from force_core.params import PRUNABLE_LAYER_TYPES, prunable_parameters
+from force_core.registry import available_methods, register_method
+from force_core.select import keep_top_k_
+from force_core.training import MaskEnforcer, apply_masks_
+
+__all__ = [
+    "PRUNABLE_LAYER_TYPES",
+    "MaskEnforcer",
+    "MaskSet",
+    "PruningContext",
+    "apply_masks_",
+    "available_methods",
+    "compute_masks",
+    "density_schedule",
+    "keep_top_k_",
+    "kept_count",
+    "prunable_parameters",
+    "register_method",
+]

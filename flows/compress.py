@@ -1,0 +1,126 @@
+"""The Prefect 3 flow `force-compress`: the stages of `stages.run_all` as tasks, plus what Prefect adds
+(caching by input hashes, retries, artifacts, logs). No logic a stage could hold lives here.
+
+The flow's parameters are CompressConfig's fields, generated from the model (names, types, constraints,
+defaults and descriptions), so the deployment's parameter schema cannot drift from the config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.config import CompressConfig, make_config
+from pipeline.errors import GateFailedError
+from stages.run_all import Stage, check_request, describe, run_all, stage_key
+from stages.validate import load_report
+
+FLOW_NAME = "force-compress"
+DEPLOYMENT_NAME = "force-compress"
+
+
+# --- tasks ------------------------------------------------------------------------------------------------
+
+
+def _cache_key(context, parameters: dict) -> str:
+    """Input files by content hash + the config's fingerprint (not Prefect's default, which pickles the
+    inputs); see stages.run_all.stage_key."""
+    return stage_key(Stage(context.task.name, context.task.fn, parameters))
+
+
+def _transient_io(task, task_run, state) -> bool:
+    """Retry publish on OSError (full disk, NFS hiccup, lock contention), never on a refused gate."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as e:  # noqa: BLE001 - we only classify it
+            exc = e
+    return isinstance(exc, OSError)
+
+
+_TASKS: dict[Any, Any] = {}
+
+
+def _task_for(stage: Stage):
+    """One Prefect task per stage function, built once. Results are small records (paths and figures)."""
+    key = (stage.fn, stage.name)
+    if key not in _TASKS:
+        if stage.cache:
+            _TASKS[key] = task(stage.fn, name=stage.name, cache_key_fn=_cache_key, persist_result=True)
+        else:
+            retry = {"retries": 3, "retry_delay_seconds": 1, "retry_condition_fn": _transient_io} \
+                if stage.name == "publish" else {}
+            _TASKS[key] = task(stage.fn, name=stage.name, cache_policy=NO_CACHE, persist_result=False, **retry)
+    return _TASKS[key]
+
+
+def run_stage_as_task(stage: Stage):
+    """`run_stage` for run_all: the stage as a Prefect task; a cached result whose files are gone is redone."""
+    logger = get_run_logger()
+    logger.info("stage %s: started", stage.name)
+    t = time.perf_counter()
+    task_ = _task_for(stage)
+    if stage.cache and not all(Path(p).exists() for p in stage.outputs):
+        task_ = task_.with_options(refresh_cache=True)
+    result = task_(**stage.kwargs)
+    logger.info("stage %s: %.1fs  %s", stage.name, time.perf_counter() - t, describe(stage.name, result))
+    return result
+
+
+# --- the flow ---------------------------------------------------------------------------------------------
+
+
+def _compress(**params) -> dict:
+    logger = get_run_logger()
+    config = make_config(**params)  # one clear BadInputError before any work
+    request = check_request(config)
+    logger.info("run directory %s", request.run_dir)
+    summary = run_all(config, run_stage_as_task, request=request)
+    report = load_report(Path(summary.run_dir) / "report.json")
+    create_markdown_artifact(markdown=Path(report.report_md).read_text(), key="force-compress-report",
+                             description=f"validation report of {config.model_name}")
+    from stages.validate import layer_table
+
+    create_table_artifact(table=layer_table(report), key="force-compress-layers",
+                          description="per-layer density read from the exported file")
+    if not summary.published:
+        raise GateFailedError("validation gate failed, nothing published: " + "; ".join(summary.failures))
+    logger.info("published %s %s at %s", summary.name, summary.version, summary.registry_path)
+    return summary.to_dict()
+
+
+def _signature_from_config() -> tuple[inspect.Signature, str]:
+    """CompressConfig's fields as keyword parameters (types with their constraints, defaults) and an
+    Args docstring from their descriptions, for Prefect's parameter schema."""
+    params = []
+    doc = ["Prune an ONNX classifier at initialization, sparse-train, validate and publish it.", "", "Args:"]
+    for name, f in CompressConfig.model_fields.items():
+        annotation = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        default = inspect.Parameter.empty if f.is_required() else f.default
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+        doc.append(f"    {name}: {f.description}")
+    return inspect.Signature(params, return_annotation=dict), "\n".join(doc)
+
+
+_compress.__signature__, _compress.__doc__ = _signature_from_config()
+_compress.__annotations__ = {p.name: p.annotation for p in _compress.__signature__.parameters.values()}
+# Prefect loads a served flow back by `<file>:<function name>`: the name must be this module's flow attribute.
+_compress.__name__ = _compress.__qualname__ = "force_compress"
+
+force_compress = flow(_compress, name=FLOW_NAME, log_prints=True, persist_result=False, validate_parameters=True)
+
+
+def serve() -> None:
+    """Serve the deployment `force-compress/force-compress` until interrupted. It needs a Prefect API
+    (PREFECT_API_URL, e.g. a local `prefect server start`; see docs/prefect.md). The entrypoint is the
+    module path, so the deployment runs wherever this package is installed, whatever the directory."""
+    from prefect.types.entrypoint import EntrypointType
+
+    force_compress.serve(name=DEPLOYMENT_NAME, pause_on_shutdown=False, entrypoint_type=EntrypointType.MODULE_PATH)

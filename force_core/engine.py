@@ -1,0 +1,353 @@
+"""`compute_masks` and the `PruningContext` that every registered method works through.
+
+No copy of the network is ever made: the masked weights θ0⊙m are separate leaf tensors handed to
+`torch.func.functional_call`, so one backward gives ∂L/∂(θ0⊙m) for every weight, pruned or not,
+and the model's parameters, buffers (cloned for the call), gradients and modes stay as found.
+Imports torch and the stdlib only.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from force_core.maskset import MaskSet
+from force_core.params import Selector, prunable_parameters
+from force_core.registry import get_method
+from force_core.select import keep_top_k_, sample_indices
+
+Progress = Callable[[int, int, dict[str, Any]], None]
+SCHEDULES = ("exp", "linear")
+
+
+def density_schedule(density: float, steps: int, schedule: str = "exp") -> list[float]:
+    """d_t for t = 1..T: exp d^(t/T), linear 1 - (1 - d) t/T (FORCE.md); d_T = d exactly."""
+    if schedule == "exp":
+        ds = [density ** (t / steps) for t in range(1, steps + 1)]
+    elif schedule == "linear":
+        ds = [1.0 - (1.0 - density) * t / steps for t in range(1, steps + 1)]
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    ds[-1] = density
+    return ds
+
+
+def kept_count(density: float, n: int) -> int:
+    """k = round(d·N), halves rounded up (one fixed rule, FORCE.md)."""
+    return min(n, int(math.floor(density * n + 0.5)))
+
+
+class _Batches:
+    """Cycles through `batches`, moving each batch to the device once.
+
+    A sequence (or a one-shot iterator) is kept on the device after each batch's first use and
+    cycled; another re-iterable source (a DataLoader) is iterated again when exhausted, giving fresh
+    draws as in the reference code.
+    """
+
+    def __init__(self, batches: Iterable, device: torch.device):
+        self.device = device
+        self._source = batches
+        self._is_seq = isinstance(batches, Sequence)
+        self._it = None if self._is_seq else iter(batches)
+        self._one_shot = self._it is batches
+        self._cache: list = []
+        self._pos = 0
+        self._exhausted = False
+        self.first = self._fetch()
+        if self.first is None:
+            raise ValueError("batches is empty: pass at least one (inputs, targets) batch")
+        self._cache.append(self.first)
+
+    def _move(self, batch):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _fetch(self):
+        """The next new batch from the source, or None when it is exhausted."""
+        if self._is_seq:
+            i = len(self._cache)
+            return self._move(self._source[i]) if i < len(self._source) else None
+        try:
+            return self._move(next(self._it))
+        except StopIteration:
+            return None
+
+    def next(self):
+        if self._pos < len(self._cache):
+            b = self._cache[self._pos]
+        elif self._exhausted:
+            self._pos = 0
+            b = self._cache[0]
+        else:
+            b = self._fetch()
+            if b is None and not (self._is_seq or self._one_shot):  # re-iterable: draw again
+                self._it = iter(self._source)
+                b = self._fetch()
+            if b is None:
+                self._exhausted = True
+                self._pos = 0
+                b = self._cache[0]
+            elif self._is_seq or self._one_shot:
+                self._cache.append(b)
+            else:
+                self._cache, self._pos = [b], 0  # fresh draws are not kept
+        self._pos += 1
+        return b
+
+    def take(self, n: int) -> list:
+        return [self.next() for _ in range(n)]
+
+
+class PruningContext:
+    """What a method works with. Flat buffers hold one entry per prunable weight, in the order of
+    `names` (each parameter row-major); `scores` and `mask` have per-parameter views.
+
+    A method reads/writes `scores`, calls `keep_top(k)` (which updates `mask` and the masked
+    weights), and reports each step with `report`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        batches: _Batches,
+        *,
+        density: float,
+        steps: int,
+        schedule: str,
+        loss_fn: Callable,
+        batches_per_step: int,
+        min_per_layer: int,
+        seed: int,
+        progress: Progress | None,
+    ):
+        self.model = model
+        self.names = list(params)
+        self.theta0 = [p.detach() for p in params.values()]  # the dense initial weights, never written
+        self.batches = batches
+        self.density, self.steps, self.schedule_kind = density, steps, schedule
+        self.loss_fn, self.batches_per_step = loss_fn, batches_per_step
+        self.min_per_layer, self.seed, self.progress = min_per_layer, seed, progress
+        first = self.theta0[0]
+        self.device = first.device
+        self.numel = sum(t.numel() for t in self.theta0)
+        self.k = kept_count(density, self.numel)
+        # Flat buffers: scores (float32; also holds the 0/1 float mask right after a selection) and mask.
+        self.scores = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self.mask = torch.ones(self.numel, dtype=torch.bool, device=self.device)
+        sizes = [t.numel() for t in self.theta0]
+        self.score_views = [v.view_as(t) for v, t in zip(self.scores.split(sizes), self.theta0, strict=True)]
+        self.mask_views = [v.view_as(t) for v, t in zip(self.mask.split(sizes), self.theta0, strict=True)]
+        self._sample = sample_indices(self.numel, self.device, seed)
+        self._weights: list[torch.Tensor] | None = None
+        # Buffers (BatchNorm running stats) are cloned once: training-mode forwards update the clones.
+        self.buffers = {n: b.clone() for n, b in model.named_buffers()}
+        self.losses: list[float] = []
+
+    # ---- the schedule
+    def schedule(self) -> Iterator[tuple[int, float, int]]:
+        """(t, d_t, k_t) for t = 1..steps; k_t = round(d_t·N)."""
+        for t, d in enumerate(density_schedule(self.density, self.steps, self.schedule_kind), start=1):
+            yield t, d, kept_count(d, self.numel)
+
+    # ---- masked weights and forward passes
+    @property
+    def masked_weights(self) -> list[torch.Tensor]:
+        """Leaves θ0⊙m (requires_grad), one per prunable parameter, refreshed by `keep_top`."""
+        if self._weights is None:
+            self._weights = [t.clone().requires_grad_(True) for t in self.theta0]
+            if not bool(self.mask.all()):
+                self._refresh_weights()
+        return self._weights
+
+    @torch.no_grad()
+    def _refresh_weights(self) -> None:
+        self.scores.copy_(self.mask)  # float 0/1 mask: multiplying by it is cheaper than by a bool mask
+        for w, t, m in zip(self._weights, self.theta0, self.score_views, strict=True):
+            torch.mul(t, m, out=w)
+
+    def loss(self, weights: Sequence[torch.Tensor], batch) -> torch.Tensor:
+        """Training loss of the network whose prunable weights are `weights` (model's other params)."""
+        x, y = batch
+        tensors = dict(zip(self.names, weights, strict=True))
+        tensors.update(self.buffers)
+        return self.loss_fn(functional_call(self.model, tensors, (x,)), y)
+
+    def gradients(self, weights: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """∂L/∂w at w = `weights` (default: θ0⊙m), summed over the next `batches_per_step` batches."""
+        ws = self.masked_weights if weights is None else list(weights)
+        total = None
+        for batch in self.batches.take(self.batches_per_step):
+            loss = self.loss(ws, batch)
+            grads = torch.autograd.grad(loss, ws, allow_unused=True)
+            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, ws, strict=True)]
+            if self.progress is not None:
+                self.losses.append(float(loss.detach()))
+            if total is None:
+                total = list(grads)
+            else:
+                torch._foreach_add_(total, grads)
+        return total
+
+    def connection_sensitivity(self) -> torch.Tensor:
+        """scores ← |θ0 · ∂L/∂(θ0⊙m)| at the current mask, for every weight (FORCE.md, Saliency)."""
+        grads = self.gradients()
+        with torch.no_grad():
+            for s, t, g in zip(self.score_views, self.theta0, grads, strict=True):
+                torch.mul(t, g, out=s)
+            del grads
+            return self.scores.abs_()
+
+    @torch.no_grad()
+    def drop_pruned_(self) -> None:
+        """Give pruned connections the minimum score: they can never come back (nested masks)."""
+        self.scores.masked_fill_(self.mask.logical_not(), -math.inf)
+
+    # ---- selection
+    @torch.no_grad()
+    def keep_top(self, k: int) -> torch.Tensor:
+        """mask ← exactly the k highest scores (ties: lowest flat index), then refresh θ0⊙m."""
+        if self.min_per_layer:
+            self._reserve_per_layer()
+        keep_top_k_(self.scores, k, self.mask, self._sample)
+        if self._weights is not None:
+            self._refresh_weights()
+        return self.mask
+
+    def _reserve_per_layer(self) -> None:
+        # Opt-in guard: each layer's best `min_per_layer` scores are set to +inf, so the global
+        # selection keeps them and fills the rest of k as usual.
+        for s in self.score_views:
+            flat = s.view(-1)
+            m = min(self.min_per_layer, flat.numel())
+            flat.index_fill_(0, torch.topk(flat, m, sorted=False).indices, math.inf)
+
+    # ---- reporting
+    def report(self, step: int, total: int, **info: Any) -> None:
+        if self.progress is not None:
+            if self.losses:
+                info.setdefault("loss", self.losses[-1])
+            self.progress(step, total, info)
+
+    def set_train_mode(self, train: bool) -> None:
+        self.model.train(train)
+
+
+def compute_masks(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    method: str,
+    density: float,
+    steps: int | None = None,
+    schedule: str = "exp",
+    loss_fn: Callable = F.cross_entropy,
+    batches_per_step: int = 1,
+    params: Iterable[str] | None = None,
+    selector: Selector | None = None,
+    min_per_layer: int = 0,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> MaskSet:
+    """Pruning masks at initialization for `model`, keeping exactly round(density·N) weights.
+
+    - `batches`: iterable of (inputs, targets); each step consumes the next `batches_per_step`,
+      cycling (a list of one batch means that batch at every step).
+    - `method`: a name from `available_methods()` (force, iter_snip, snip, grasp, synflow,
+      magnitude, random, or one registered with `register_method`).
+    - `steps`: None means the method's default (20 for force/iter_snip, 100 for synflow; single-shot
+      methods always take one step).
+    - `params` / `selector`: which parameters are prunable (see `prunable_parameters`).
+    - `min_per_layer`: opt-in guard keeping at least this many weights in every layer (0: the paper).
+    - `progress(step, total, info)` is called after every step.
+
+    The model comes back exactly as found: parameters, buffers, gradients and train/eval modes.
+    Masks are on the model's device; equal inputs on equal numerics give identical masks.
+    """
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1] (kept fraction), got {density!r}")
+    spec = get_method(method)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(batches_per_step, int) or batches_per_step < 1:
+        raise ValueError(f"batches_per_step must be an integer >= 1, got {batches_per_step!r}")
+    if not isinstance(min_per_layer, int) or min_per_layer < 0:
+        raise ValueError(f"min_per_layer must be an integer >= 0, got {min_per_layer!r}")
+
+    prunable = prunable_parameters(model, params=params, selector=selector)
+    if not prunable:
+        raise ValueError(
+            f"model {type(model).__name__} has no prunable layer (Conv*/ConvTranspose*/Linear weights, "
+            "or the names given in params, filtered by selector)"
+        )
+    n_total = sum(p.numel() for p in prunable.values())
+    k = kept_count(density, n_total)
+    if k == 0:
+        raise ValueError(f"density {density} keeps no weight of {n_total}; use a density >= {0.5 / n_total:.3g}")
+    if min_per_layer * len(prunable) > k:
+        raise ValueError(
+            f"min_per_layer={min_per_layer} needs {min_per_layer * len(prunable)} weights, more than the "
+            f"{k} kept at density {density}; use min_per_layer <= {k // len(prunable)}"
+        )
+    run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
+    device = next(iter(prunable.values())).device
+    stream = _Batches(batches, device)
+
+    modes = [(m, m.training) for m in model.modules()]
+    started = time.perf_counter()
+    try:
+        model.train()  # batch statistics, as the reference computes masks
+        ctx = PruningContext(
+            model,
+            prunable,
+            stream,
+            density=density,
+            steps=run_steps,
+            schedule=schedule,
+            loss_fn=loss_fn,
+            batches_per_step=batches_per_step,
+            min_per_layer=min_per_layer,
+            seed=seed,
+            progress=progress,
+        )
+        spec.fn(ctx)
+    finally:
+        for m, training in modes:
+            m.training = training
+    masks = dict(zip(ctx.names, ctx.mask_views, strict=True))
+    meta = {
+        "method": method,
+        "density": density,
+        "steps": run_steps,
+        "schedule": schedule,
+        "batches_per_step": batches_per_step,
+        "seed": seed,
+        "min_per_layer": min_per_layer,
+        "k": k,
+        "total": n_total,
+        "seconds": round(time.perf_counter() - started, 3),
+        # Multi-step masks are bit-identical only under identical numerics (FORCE.md): record them.
+        "numerics": {
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    return MaskSet(masks, meta)
+
+
+__all__ = ["PruningContext", "compute_masks", "density_schedule", "kept_count"]

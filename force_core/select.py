@@ -1,0 +1,114 @@
+"""Exact global top-k of a flat score vector, cheap on large N (FORCE.md, "Facts that decide the speed").
+
+Rule: keep exactly k entries, the k largest scores; among entries equal to the k-th largest score,
+the lowest flat index wins (flat order = the order of the prunable parameters, then row-major).
+That is what a stable descending sort would give, without ever sorting or running `topk` over N:
+the k-th value is bracketed from a fixed random sample of the scores and only the bracket is
+resolved. Every pass over N is a comparison, a `count_nonzero`, or one `nonzero` of a small set.
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLE_SIZE = 1 << 16  # sample for the bracket; about 6/sqrt(SAMPLE_SIZE) = 2.3% of N is resolved exactly
+_SMALL_N = 1 << 17  # below this, a stable sort of everything is cheaper than being clever
+_CHUNK = 1 << 18  # tie scans count per chunk and run `nonzero` on one chunk only
+
+
+def sample_indices(n: int, device: torch.device | str, seed: int = 0) -> torch.Tensor | None:
+    """The fixed random sample used to bracket the k-th score (None when N is small)."""
+    if n <= _SMALL_N:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, n, (SAMPLE_SIZE,), generator=gen).to(device)
+
+
+def keep_top_k_(scores: torch.Tensor, k: int, out: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+    """Write into the flat bool `out` the k largest of the flat `scores` (ties: lowest index first)."""
+    n = scores.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} outside [0, {n}]")
+    if k == n:
+        return out.fill_(True)
+    if k == 0:
+        return out.fill_(False)
+    if sample is None or n <= _SMALL_N:
+        order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        out.fill_(False)
+        return out.index_fill_(0, order, True)
+
+    s = scores[sample].sort().values
+    m = s.numel()
+    below = m * (n - k) / n  # expected number of sampled scores below the k-th largest
+    margin = 3.0 * math.sqrt(m) + 8.0  # >= 6 standard deviations of that binomial count
+    lo, hi = math.floor(below - margin), math.ceil(below + margin)
+    t_lo = s[lo].item() if lo >= 0 else -math.inf
+    t_hi = s[hi].item() if hi < m else math.inf
+
+    gt = torch.empty_like(out)  # entries above the bracket: all kept
+    if t_lo == t_hi:  # the k-th score sits inside a block of equal scores (common: exact zeros)
+        torch.gt(scores, t_hi, out=gt)
+        n_gt = int(torch.count_nonzero(gt))
+        if n_gt <= k and _fill_ties_(scores, t_hi, k - n_gt, gt):
+            return out.copy_(gt)
+        t_lo, t_hi = -math.inf, math.inf  # the sample misled us (astronomically rare): resolve everything
+
+    torch.gt(scores, t_hi, out=gt)
+    n_gt = int(torch.count_nonzero(gt))
+    if n_gt > k:  # bracket below the k-th score (rare): open it upwards
+        t_lo, t_hi = t_hi, math.inf
+        gt.fill_(False)
+        n_gt = 0
+    torch.ge(scores, t_lo, out=out)
+    n_ge = int(torch.count_nonzero(out))
+    if n_ge < k:  # bracket above the k-th score (rare): open it downwards
+        t_lo = -math.inf
+        out.fill_(True)
+        n_ge = n
+    r = k - n_gt  # to take from the bracket [t_lo, t_hi]
+    if r == 0:
+        return out.copy_(gt)
+    if n_ge - n_gt > 8 * n * margin / m + 4096:  # a large block of equal scores at an end of the bracket
+        eq_hi = scores == t_hi
+        n_ge_hi = n_gt + int(torch.count_nonzero(eq_hi))
+        if n_ge_hi >= k:  # the k-th largest score is t_hi
+            assert _fill_ties_(scores, t_hi, r, gt)
+            return out.copy_(gt)
+        gt.logical_or_(eq_hi)  # all of t_hi is kept
+        n_gt = n_ge_hi
+        torch.gt(scores, t_lo, out=out)
+        n_gt_lo = int(torch.count_nonzero(out))
+        if n_gt_lo < k:  # the k-th largest score is t_lo
+            assert _fill_ties_(scores, t_lo, k - n_gt_lo, out)
+            return out
+    out.logical_xor_(gt)  # the bracket: >= t_lo (or > t_lo) and not already kept
+    idx = out.nonzero().squeeze(1)
+    vals = scores[idx]
+    r = k - n_gt
+    tau = torch.kthvalue(vals, vals.numel() - r + 1).values  # r-th largest in the bracket
+    above = vals > tau
+    ties = (vals == tau).nonzero().squeeze(1)[: r - int(torch.count_nonzero(above))]  # lowest index first
+    out.copy_(gt)
+    out.index_fill_(0, idx[above], True)
+    return out.index_fill_(0, idx[ties], True)
+
+
+def _fill_ties_(scores: torch.Tensor, value: float, r: int, out: torch.Tensor) -> bool:
+    """Set in `out` the first r entries (by index) equal to `value`; False when fewer than r exist."""
+    eq = scores == value
+    chunks = eq.split(_CHUNK)
+    counts = torch.stack([torch.count_nonzero(c) for c in chunks]).cumsum(0)
+    if int(counts[-1]) < r:
+        return False
+    j = int(torch.searchsorted(counts, r))  # first chunk where the running count reaches r
+    before = int(counts[j - 1]) if j > 0 else 0
+    start = j * _CHUNK
+    if start:
+        out[:start].logical_or_(eq[:start])
+    pos = chunks[j].nonzero().squeeze(1)[: r - before] + start
+    out.index_fill_(0, pos, True)
+    return True

@@ -1,0 +1,134 @@
+"""Stage `compute_masks`: pruning masks at initialization for an imported ONNX model, written as
+`masks.npz` keyed by ONNX initializer name plus a `masks.json` sidecar (DESIGN.md, mask file), so users
+and other tools read them without this package. Imports force_core, torch and `pipeline`; never flows,
+prefect or click.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import force_core
+from pipeline.artifacts import atomic_path, sha256_file, write_json_atomic
+from pipeline.errors import BadInputError
+from stages.import_onnx import ParamMap, load_module
+
+__all__ = ["DATA_FREE_METHODS", "MaskResult", "compute_masks_stage", "load_masks", "save_masks"]
+
+# methods that score weights without data (no --data needed)
+DATA_FREE_METHODS = frozenset({"random", "magnitude", "synflow"})
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    masks_path: Path
+    meta_path: Path
+    density: float  # achieved kept fraction of the prunable weights
+    kept: int
+    total: int
+    disconnected: tuple[str, ...]  # initializer names left with no weight
+    method: str = ""
+    seconds: float = 0.0
+
+
+def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.PathLike, *, method: str,
+                        density: float, steps: int | None = None, schedule: str = "exp",
+                        batches: Iterable | None = None, batches_per_step: int = 1, seed: int = 0,
+                        progress: Callable | None = None, device: str | torch.device = "cpu") -> MaskResult:
+    """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers)."""
+    import time
+
+    if method not in force_core.available_methods():
+        raise BadInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(force_core.available_methods()))}")
+    if not 0.0 < density <= 1.0:
+        raise BadInputError(f"density must be in (0, 1] (kept fraction), got {density}")
+    batches = list(batches) if batches is not None else []
+    if not batches:
+        if method not in DATA_FREE_METHODS:
+            raise BadInputError(f"method {method!r} scores weights on data: give --data "
+                                f"(data-free methods: {', '.join(sorted(DATA_FREE_METHODS))})")
+        batches = [_dummy_batch(normalized_path)]
+    module, param_map = load_module(normalized_path)
+    module.to(device)
+    started = time.perf_counter()
+    try:
+        maskset = force_core.compute_masks(module, batches, method=method, density=density, steps=steps,
+                                           schedule=schedule, batches_per_step=batches_per_step,
+                                           params=param_map.prunable, seed=seed, progress=progress)
+    except ValueError as e:  # force_core checks its arguments with ValueError: user input here
+        raise BadInputError(str(e)) from None
+    seconds = time.perf_counter() - started
+    meta = {
+        "method": method, "target_density": density, "target_sparsity": 1.0 - density, "schedule": schedule,
+        "steps": steps, "seed": seed, "batches": len(batches), "batches_per_step": batches_per_step,
+        "source_sha256": sha256_file(normalized_path), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
+        "seconds": round(seconds, 3),
+    }
+    masks_path, meta_path, summary = save_masks(out_path, maskset, param_map, meta)
+    return MaskResult(masks_path=masks_path, meta_path=meta_path, density=summary["density"],
+                      kept=summary["kept_total"], total=summary["total"],
+                      disconnected=tuple(summary["disconnected"]), method=method, seconds=seconds)
+
+
+def save_masks(out_path: str | os.PathLike, maskset, param_map: ParamMap, meta: dict) -> tuple[Path, Path, dict]:
+    """Write masks.npz (initializer name -> bool array in the initializer's layout) and the sidecar."""
+    out_path = Path(out_path)
+    arrays = {param_map.to_initializer(n): param_map.mask_to_onnx(n, m) for n, m in maskset.items()}
+    kept = {k: int(np.count_nonzero(v)) for k, v in arrays.items()}
+    sizes = {k: int(v.size) for k, v in arrays.items()}
+    total = sum(sizes.values())
+    summary = {
+        **meta, "total": total, "kept_total": sum(kept.values()),
+        "density": sum(kept.values()) / total if total else 1.0, "kept": kept, "sizes": sizes,
+        "disconnected": [k for k, v in kept.items() if v == 0], "keyed_by": "onnx initializer name",
+    }
+    with atomic_path(out_path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    meta_path = write_json_atomic(out_path.with_suffix(".json"), summary)
+    return out_path, meta_path, summary
+
+
+def load_masks(masks_path: str | os.PathLike, param_map: ParamMap) -> force_core.MaskSet:
+    """masks.npz (initializer names) -> MaskSet keyed by the module's parameter names."""
+    import json
+
+    masks_path = Path(masks_path)
+    try:
+        with np.load(str(masks_path), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{masks_path}: not a readable mask file: {' '.join(str(e).split())[:200]}") from None
+    unknown = sorted(set(arrays) - set(param_map.prunable_initializers))
+    if unknown:
+        raise BadInputError(f"{masks_path}: masks for initializers that are not prunable weights of this model: "
+                            f"{unknown[:3]} (computed for another model?)")
+    try:
+        masks = param_map.masks_from_onnx(arrays)
+    except ValueError as e:
+        raise BadInputError(f"{masks_path}: {e}") from None
+    side = masks_path.with_suffix(".json")
+    meta = json.loads(side.read_text()) if side.exists() else {}
+    meta = {k: v for k, v in meta.items() if k not in ("kept", "sizes")}
+    return force_core.MaskSet(masks, meta)
+
+
+def _dummy_batch(normalized_path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free methods still run the model once (synflow needs a forward pass of ones): one input of
+    the model's shape, labels 0."""
+    import onnx
+
+    from stages.onnx_convert.passes._graph import real_inputs
+
+    model = onnx.load(str(normalized_path), load_external_data=False)
+    dims = real_inputs(model.graph)[0].type.tensor_type.shape.dim[1:]
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 32 for d in dims]
+    return torch.zeros((2, *shape)), torch.zeros(2, dtype=torch.long)

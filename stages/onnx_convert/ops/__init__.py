@@ -1,0 +1,9 @@
+"""Converters registered in onnx2torch's own registry for operator versions it does not know.
+
+onnx2torch 1.5.15 stops at opset 13-16 for many operators while today's exporters write 18-21; each
+module here adds one operator family, keyed by (domain, operator, version) like onnx2torch's own.
+Importing this package registers them (once).
+"""
+
+from stages.onnx_convert.ops import type_only  # noqa: F401  (first: the others build on its versions)
+from stages.onnx_convert.ops import cast_like, gelu, pad, reduce, reshape, resize, split  # noqa: F401

@@ -1,0 +1,19 @@
+"""Normalisation passes run on the ModelProto before conversion. Each takes the model, rewrites it in
+place and returns one line per change, so the import report says exactly what differs from the source."""
+
+from __future__ import annotations
+
+import onnx
+
+from stages.onnx_convert.passes import dynamic_batch, fold_constants, initializer_inputs, unshare
+
+# Order matters: constants become initializers before sharing is resolved, and the batch pass sees
+# the final initializers (Reshape targets held in Constant nodes are initializers by then).
+PASSES = (initializer_inputs.run, fold_constants.run, unshare.run, dynamic_batch.run)
+
+
+def normalize(model: onnx.ModelProto) -> list[str]:
+    changes: list[str] = []
+    for run in PASSES:
+        changes.extend(run(model))
+    return changes

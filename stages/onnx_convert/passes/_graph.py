@@ -1,0 +1,86 @@
+"""Small graph helpers shared by the passes."""
+
+from __future__ import annotations
+
+import itertools
+
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+# (op_type, input index) of weights that are pruned: Conv/ConvTranspose W, Gemm B (A when it is the
+# constant), MatMul's constant operand.
+PRUNABLE_SLOTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("Gemm", 0), ("MatMul", 1), ("MatMul", 0)}
+
+
+def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are fed at run time: IR < 4 also lists every initializer as an input."""
+    inits = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name:
+                uses.setdefault(name, []).append((node, i))
+    return uses
+
+
+def is_prunable_slot(graph_inits: dict[str, onnx.TensorProto], node: onnx.NodeProto, index: int) -> bool:
+    if (node.op_type, index) not in PRUNABLE_SLOTS:
+        return False
+    if node.op_type in ("Gemm", "MatMul") and index == 0:
+        # the left operand is a weight only when it is the constant one
+        return node.input[0] in graph_inits and node.input[1] not in graph_inits
+    name = node.input[index]
+    t = graph_inits.get(name)
+    return t is not None and t.data_type in FLOAT_TYPES and len(t.dims) >= 2
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    if base not in taken:
+        taken.add(base)
+        return base
+    for k in itertools.count(1):
+        candidate = f"{base}__{k}"
+        if candidate not in taken:
+            taken.add(candidate)
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.output)
+        names.update(node.input)
+    return names
+
+
+def add_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
+    """Add an initializer; IR < 4 requires every initializer to be listed as a graph input too."""
+    model.graph.initializer.append(tensor)
+    if model.ir_version < 4:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+
+def remove_initializer(model: onnx.ModelProto, name: str) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            del model.graph.initializer[i]
+            break
+    for i, v in enumerate(model.graph.input):
+        if v.name == name:
+            del model.graph.input[i]
+            break
+
+
+def copy_tensor(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).copy(), name)

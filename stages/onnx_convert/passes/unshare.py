@@ -1,0 +1,118 @@
+"""Every layer owns its biases and normalisation parameters; real weight ties stay tied.
+
+The PyTorch exporter de-duplicates equal constants (all-zero biases, all-one BatchNorm scales) into
+one initializer, fed directly or through `Identity` nodes. Trained separately they must be separate
+tensors. A prunable weight feeding several nodes is a tie by design: those nodes keep sharing it,
+and so do their biases when the tied nodes share them.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from stages.onnx_convert.passes._graph import (
+    FLOAT_TYPES,
+    PRUNABLE_SLOTS,
+    add_initializer,
+    all_names,
+    copy_tensor,
+    initializer_map,
+    remove_initializer,
+)
+
+
+def _weight_slot(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto, index: int, name: str) -> bool:
+    if (node.op_type, index) not in PRUNABLE_SLOTS:
+        return False
+    t = inits.get(name)
+    if t is None or t.data_type not in FLOAT_TYPES or len(t.dims) < 2:
+        return False
+    if node.op_type in ("Gemm", "MatMul") and index == 0:
+        return len(node.input) > 1 and node.input[1] not in inits
+    return True
+
+
+def run(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    inits = initializer_map(graph)
+    graph_outputs = {o.name for o in graph.output}
+
+    # 1. Identity nodes that only rename a float initializer: resolve them to the initializer.
+    alias: dict[str, str] = {}
+    identities = []
+    for node in graph.node:  # topologically sorted: chains resolve in one pass
+        if node.op_type != "Identity":
+            continue
+        src = alias.get(node.input[0], node.input[0])
+        t = inits.get(src)
+        if t is not None and t.data_type in FLOAT_TYPES and node.output[0] not in graph_outputs:
+            alias[node.output[0]] = src
+            identities.append(node)
+    for node in identities:
+        graph.node.remove(node)
+
+    # 2. every use of a float initializer: (node, input index, the name the node used)
+    slots: dict[str, list[tuple[onnx.NodeProto, int, str]]] = {}
+    for node in graph.node:
+        for i, used in enumerate(node.input):
+            root = alias.get(used, used)
+            if root in inits and inits[root].data_type in FLOAT_TYPES:
+                slots.setdefault(root, []).append((node, i, used))
+
+    def weight_of(node: onnx.NodeProto) -> str | None:
+        for i, name in enumerate(node.input):
+            root = alias.get(name, name)
+            if _weight_slot(inits, node, i, root):
+                return root
+        return None
+
+    taken = all_names(graph) - set(alias)
+    claimed: set[str] = set()
+    fresh, ties = 0, []
+    for root, uses in slots.items():
+        if any(_weight_slot(inits, n, i, root) for n, i, _ in uses):
+            for n, i, _ in uses:
+                n.input[i] = root
+            if len({id(n) for n, _, _ in uses}) > 1:
+                ties.append(root)
+            claimed.add(root)
+            continue
+        groups: dict[object, list[tuple[onnx.NodeProto, int, str]]] = {}
+        for n, i, used in uses:
+            w = weight_of(n)
+            groups.setdefault(("w", w) if w is not None else ("n", id(n)), []).append((n, i, used))
+        for members in groups.values():
+            used_names = {used for _, _, used in members}
+            if len(used_names) == 1 and (name := next(iter(used_names))) != root and name not in claimed:
+                pass
+            elif root not in claimed:
+                name = root
+            else:
+                name = _fresh(taken, root)
+                fresh += 1
+            if name != root:
+                add_initializer(model, copy_tensor(inits[root], name))
+            claimed.add(name)
+            taken.add(name)
+            for n, i, _ in members:
+                n.input[i] = name
+    for root in slots:
+        if root not in claimed and root not in graph_outputs:
+            remove_initializer(model, root)
+
+    changes = []
+    if identities:
+        changes.append(f"replaced {len(identities)} Identity nodes of shared constants by initializers of their own")
+    if fresh:
+        changes.append(f"un-shared {fresh} uses of bias/normalisation initializers shared between layers")
+    if ties:
+        changes.append(f"kept {len(ties)} tied weights tied: {', '.join(ties[:5])}{' …' if len(ties) > 5 else ''}")
+    return changes
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    k = 1
+    while f"{base}__{k}" in taken:
+        k += 1
+    taken.add(f"{base}__{k}")
+    return f"{base}__{k}"

@@ -1,0 +1,293 @@
+"""The order of the stages, written once: import → masks → sparse_train → export → validate → publish.
+
+`run_all(config, run_stage)` takes how to run one stage: the plain CLI path calls the function, the
+Prefect flow runs it as a task. Each stage gets paths, the config and small records, and returns a small
+record, so a stage can be cached, retried or resumed on its own. Imports no flows/prefect/click.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import run_dir_for, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from pipeline.config import CompressConfig
+from pipeline.errors import BadInputError, ForceCompressError
+
+STAGE_NAMES = ("import", "masks", "sparse-train", "export", "validate", "publish")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One call of a stage function: what `run_stage` receives. `outputs` are the files it writes; a
+    cached result whose outputs are gone is recomputed."""
+
+    name: str
+    fn: Callable[..., Any]
+    kwargs: dict
+    outputs: tuple[str, ...] = ()
+    cache: bool = True  # publish is idempotent by content and depends on the registry: never cached
+
+
+RunStage = Callable[[Stage], Any]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the checks before any work found out about the input."""
+
+    model_path: str
+    source_sha256: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    run_dir: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The outcome of one request (`--json` prints `to_dict()`)."""
+
+    model: str
+    name: str
+    run_dir: str
+    passed: bool
+    published: bool
+    version: str | None
+    registry_path: str | None
+    top1: float
+    top5: float
+    sparsity: float
+    target_sparsity: float
+    provider: str
+    sizes: dict
+    latency_ms: dict
+    failures: tuple[str, ...]
+    stage_seconds: dict = field(default_factory=dict)
+    report_md: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.published else 1
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "failures": list(self.failures), "exit_code": self.exit_code}
+
+
+# --- checks before any file is written --------------------------------------------------------------------
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise BadInputError unless `path` is (or can be created as) a writable directory; creates nothing."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if probe != p and not probe.is_dir():
+        raise BadInputError(f"cannot create {what} directory {path}: {probe} is not a directory")
+    if probe == p and not p.is_dir():
+        raise BadInputError(f"{what} {path} is not a directory; choose another --{what.replace(' ', '-')}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInputError(f"{what} directory {path} is not writable ({probe}); choose another --{what}")
+
+
+def check_request(config: CompressConfig) -> Request:
+    """Everything that can be checked about the input before the run directory is created: the model file
+    is readable ONNX with one image input, the data fits it, the registry and runs directories are writable."""
+    from pipeline.data import load_data
+    from pipeline.devices import resolve_device
+    from stages.onnx_convert.model_io import load_checked
+    from stages.publish import check_model_name
+    from stages.validate import classifier_io
+
+    check_model_name(config.model_name)
+    resolve_device(config.device)  # CUDA asked for but absent: exit 3 before any work
+    model = load_checked(config.model)
+    _, input_shape, num_classes = classifier_io(model, config.image_size)
+    load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
+              seed=config.seed, augment=False)
+    check_writable_dir(config.registry, "registry")
+    check_writable_dir(config.runs_dir, "runs-dir")
+    source_sha = sha256_file(config.model)
+    run_dir = run_dir_for(config.runs_dir, source_sha, config.fingerprint())
+    return Request(str(config.model), source_sha, input_shape, num_classes, str(run_dir))
+
+
+# --- the stages as called by run_all (paths and small records in, small records out) --------------------
+
+
+def import_stage(model_path: str, run_dir: str, config: CompressConfig):
+    from stages.import_onnx import import_onnx
+
+    return import_onnx(model_path, run_dir, parity_tol=config.parity_tol, image_size=config.image_size)
+
+
+def masks_stage(normalized_path: str, run_dir: str, config: CompressConfig, input_shape: tuple, num_classes: int):
+    from pipeline.data import load_data, mask_batches
+    from stages.compute_masks import compute_masks_stage
+
+    splits = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
+                       seed=config.seed, augment=False)
+    batches = mask_batches(splits, config.mask_batch_size, config.mask_batches_per_step, seed=config.seed)
+    return compute_masks_stage(
+        normalized_path, Path(run_dir) / "masks.npz", method=config.method, density=config.density,
+        steps=config.steps, schedule=config.schedule, batches=batches, seed=config.seed,
+    )
+
+
+def train_stage(normalized_path: str, masks_path: str, run_dir: str, config: CompressConfig):
+    from stages.sparse_train import sparse_train
+
+    return sparse_train(normalized_path, masks_path, config, run_dir)
+
+
+def export_stage(normalized_path: str, state_path: str, masks_path: str, run_dir: str, config: CompressConfig,
+                 source_sha256: str):
+    from stages.export_onnx import export_onnx
+
+    provenance = {"source_sha256": source_sha256, "method": config.method, "sparsity": config.sparsity}
+    return export_onnx(normalized_path, state_path, Path(run_dir) / "model.sparse.onnx", masks_path=masks_path,
+                       storage=config.storage, provenance=provenance)
+
+
+def validate_stage(exported_path: str, run_dir: str, config: CompressConfig, normalized_path: str, state_path: str,
+                   history_path: str | None):
+    from stages.validate import validate
+
+    return validate(exported_path, config, run_dir, input_path=config.model, normalized_path=normalized_path,
+                    state_path=state_path, history_path=history_path)
+
+
+def publish_stage(run_dir: str, report, config: CompressConfig, masks_path: str):
+    from stages.publish import publish
+
+    return publish(run_dir, report, config, masks_path=masks_path)
+
+
+# --- the order, once ----------------------------------------------------------------------------------------
+
+
+def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | None = None) -> RunSummary:
+    """Run every stage in order through `run_stage`; a gate failure returns a summary with `published`
+    False (nothing is published). Bad input found by a stage removes the run directory this call created."""
+    request = request or check_request(config)
+    run_dir = Path(request.run_dir)
+    created = [p for p in (Path(config.runs_dir), run_dir) if not p.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))
+    rd = str(run_dir)
+    seconds: dict[str, float] = {}
+
+    def step(name, fn, outputs=(), cache=True, **kwargs):
+        t = time.perf_counter()
+        result = run_stage(Stage(name, fn, kwargs, tuple(str(o) for o in outputs), cache))
+        seconds[name] = round(time.perf_counter() - t, 3)
+        return result
+
+    try:
+        imported = step("import", import_stage, [run_dir / "normalized.onnx"],
+                        model_path=request.model_path, run_dir=rd, config=config)
+        normalized = str(imported.normalized_path)
+        masks = step("masks", masks_stage, [run_dir / "masks.npz"], normalized_path=normalized, run_dir=rd,
+                     config=config, input_shape=tuple(request.input_shape), num_classes=request.num_classes)
+        masks_path = str(masks.masks_path)
+        trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=normalized,
+                       masks_path=masks_path, run_dir=rd, config=config)
+        state_path = str(trained.state_path)
+        exported = step("export", export_stage, [run_dir / "model.sparse.onnx"], normalized_path=normalized,
+                        state_path=state_path, masks_path=masks_path, run_dir=rd, config=config,
+                        source_sha256=request.source_sha256)
+        history = str(trained.history_path) if trained.history_path else None
+        report = step("validate", validate_stage, [run_dir / "report.json", run_dir / "report.md"],
+                      exported_path=str(exported.out_path), run_dir=rd, config=config,
+                      normalized_path=normalized, state_path=state_path, history_path=history)
+        published = None
+        if report.passed:
+            published = step("publish", publish_stage, cache=False, run_dir=rd, report=report, config=config,
+                             masks_path=masks_path)
+    except BadInputError:
+        for p in reversed(created):  # bad input leaves nothing behind
+            shutil.rmtree(p, ignore_errors=True)
+        raise
+    except ForceCompressError:
+        raise
+    except Exception:  # an internal error: keep the traceback beside the run's files
+        write_bytes_atomic(run_dir / "error.txt", traceback.format_exc().encode())
+        raise
+
+    summary = RunSummary(
+        model=config.model, name=config.model_name, run_dir=rd, passed=report.passed,
+        published=published is not None, version=published.version if published else None,
+        registry_path=published.path if published else None, top1=report.top1, top5=report.top5,
+        sparsity=report.sparsity.sparsity, target_sparsity=config.sparsity, provider=report.provider,
+        sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=seconds,
+        report_md=report.report_md,
+    )
+    write_json_atomic(run_dir / "summary.json", summary.to_dict())
+    return summary
+
+
+def call_stage(stage: Stage) -> Any:
+    """The plain way to run a stage: call it."""
+    return stage.fn(**stage.kwargs)
+
+
+# --- describing and keying stages (shared by the CLI and the flow) ---------------------------------------
+
+
+def describe(name: str, result: Any) -> str:
+    """One line about a finished stage's result."""
+    try:
+        return _describe(name, result)
+    except (AttributeError, TypeError, ValueError):  # a record of another shape: say nothing rather than fail
+        return ""
+
+
+def _describe(name: str, r: Any) -> str:
+    if name == "import":
+        return (f"{Path(r.normalized_path).name}, opset {r.opset}, {r.n_prunable} prunable tensors, "
+                f"parity {r.parity_max_abs:.1e}")
+    if name == "masks":
+        kept = r.kept if isinstance(r.kept, int) else sum(r.kept.values())
+        return f"density {r.density:.4f} ({kept} kept of {r.total})"
+    if name == "sparse-train":
+        return f"{r.epochs} epoch(s), train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, {r.images_per_s:.0f} img/s"
+    if name == "export":
+        return f"{Path(r.out_path).name}"
+    if name == "validate":
+        verdict = "gate passed" if r.passed else "gate FAILED: " + "; ".join(r.failures)
+        return f"top-1 {r.top1:.4f}, sparsity {r.sparsity.sparsity:.4f} on {r.provider}; {verdict}"
+    if name == "publish":
+        return f"{r.path} ({'new' if r.created else 'same content as before'})"
+    return ""
+
+
+def _digest(value: Any) -> Any:
+    """A stable, small stand-in for a stage argument: files by content hash, configs by fingerprint."""
+    if isinstance(value, CompressConfig):
+        return value.fingerprint()
+    if isinstance(value, str | os.PathLike) and Path(value).is_file():
+        return {"path": str(value), "sha256": sha256_file(value)}
+    if is_dataclass(value) and not isinstance(value, type):
+        return _digest(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _digest(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple):
+        return [_digest(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: Stage) -> str:
+    """Cache key of a stage call: its name, the source of its module, its input files' hashes and the config."""
+    source = inspect.getsourcefile(stage.fn)
+    code = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else stage.fn.__qualname__
+    return sha256_json({"stage": stage.name, "code": code, "args": _digest(stage.kwargs)})

@@ -1,0 +1,448 @@
+"""Stage: train the pruned network with its masks held exactly (SGD+momentum or AdamW), resumable, optionally DDP.
+
+`train_module` is the loop itself and works on any nn.Module with a mapping of boolean masks keyed by parameter
+name; `sparse_train` is the stage: it rebuilds the module from the normalized ONNX file, loads the masks and the
+data, and calls it. Imports pipeline and force_core only (no prefect, no click, no flows).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from force_core import MaskEnforcer
+from pipeline.artifacts import atomic_path, write_json_atomic
+from pipeline.config import CompressConfig
+from pipeline.data import DataSplits, TensorImageDataset, load_data, make_loader
+from pipeline.devices import resolve_device
+from pipeline.errors import BadInputError, DataError
+
+CHECKPOINT = "checkpoint.pt"
+TRAINED = "trained.pt"
+HISTORY = "history.json"
+CURVE = "train_curve.png"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What sparse training produced. `state_path` (run_dir/trained.pt, the module's state_dict) is written only
+    when all `epochs_target` epochs are done (`completed`); `val_acc` is torch top-1 on the held-out split."""
+
+    state_path: Path
+    history_path: Path
+    checkpoint_path: Path
+    epochs: int
+    epochs_target: int
+    completed: bool
+    resumed_from_epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    images_per_s: float
+    density: float
+    device: str
+    world_size: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------ masks held
+
+
+def _hold_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskEnforcer:
+    """force_core's MaskEnforcer over float 0/1 masks laid out like their weights (channels_last on CUDA), so the
+    fused multiplies touch memory in the weights' own order."""
+    params = dict(module.named_parameters())
+    missing = [n for n in masks if n not in params]
+    if missing:
+        raise BadInputError(f"masks name parameters the model does not have: {', '.join(missing[:5])}")
+    laid_out = {}
+    for name, m in masks.items():
+        p = params[name]
+        if tuple(m.shape) != tuple(p.shape):
+            raise BadInputError(f"mask for {name} has shape {tuple(m.shape)} but the weight has {tuple(p.shape)}")
+        laid_out[name] = torch.empty_like(p, requires_grad=False).copy_(m.to(device=p.device, dtype=p.dtype))
+    return MaskEnforcer(module, laid_out)
+
+
+@torch.no_grad()
+def _mask_grads_(enforcer: MaskEnforcer) -> None:
+    """Zero the gradients of pruned entries (one fused multiply). With zero gradient and zero weight, SGD's
+    momentum and weight decay and AdamW's moments and decoupled decay all stay exactly zero there, so the
+    optimizer state is masked only once, when it is loaded."""
+    pairs = [(p.grad, m) for p, m in zip(enforcer.params, enforcer.masks, strict=True) if p.grad is not None]
+    if pairs:
+        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+
+def _density(enforcer: MaskEnforcer) -> float:
+    total = sum(m.numel() for m in enforcer.masks)
+    return sum(int(torch.count_nonzero(m)) for m in enforcer.masks) / total if total else 1.0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lr_lambda(schedule: str, total_steps: int):
+    """Per-iteration factor on the peak lr: cosine to 0, or step (x0.1 at 50% and again at 75%, FORCE.md's
+    CIFAR recipe drops at 150 and 250 of 350 epochs, about 43% and 71%)."""
+    total = max(1, total_steps)
+    if schedule == "cosine":
+        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    if schedule == "step":
+        return lambda t: 0.1 ** ((t >= 0.5 * total) + (t >= 0.75 * total))
+    raise BadInputError(f"unknown lr_schedule {schedule!r}; use cosine or step")
+
+
+def make_optimizer(module: nn.Module, config: CompressConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise BadInputError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA; on CPU the same code runs in fp32 (autocast disabled).
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, dataset: TensorImageDataset, *, batch_size: int = 256,
+             device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) of `module` on `dataset`, in eval mode; restores the module's mode."""
+    device = torch.device(device)
+    was_training = module.training
+    module.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            out = module(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += len(y)
+    module.train(was_training)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _fingerprint(config: CompressConfig, world_size: int, splits: DataSplits) -> dict:
+    """What must match for a checkpoint to be resumed (training recipe, data, world size)."""
+    keys = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "seed",
+            "data", "val_fraction", "augment", "image_size")
+    fp = {k: getattr(config, k) for k in keys}
+    fp["image_size"] = list(fp["image_size"]) if fp["image_size"] else None
+    fp.update(world_size=world_size, n_train=len(splits.train), n_val=len(splits.val))
+    return fp
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # figures stay in history.json
+        return
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a1.plot(ep, [h["train_loss"] for h in history], label="train")
+    a1.plot(ep, [h["val_loss"] for h in history], label="val")
+    a1.set_xlabel("epoch"), a1.set_ylabel("cross-entropy"), a1.legend()
+    a2.plot(ep, [h["train_acc"] for h in history], label="train")
+    a2.plot(ep, [h["val_acc"] for h in history], label="val")
+    a2.set_xlabel("epoch"), a2.set_ylabel("top-1"), a2.set_ylim(0, 1), a2.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def train_module(
+    module: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    splits: DataSplits,
+    config: CompressConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    max_epochs_this_call: int | None = None,
+    plot: bool = True,
+) -> TrainResult:
+    """Train `module` in place on `splits.train` for `config.epochs` with `masks` (bool, keyed by parameter name;
+    a force_core MaskSet is such a mapping) held exactly, resuming from run_dir/checkpoint.pt when it matches.
+
+    Under torchrun (WORLD_SIZE > 1) it runs DDP (gloo on CPU, NCCL on CUDA), each rank taking
+    batch_size / world_size images of every global batch; only rank 0 writes files."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    rank, world, local_rank = _dist_env()
+    device = resolve_device(config.device)
+    own_group = False
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            own_group = True
+    is_main = rank == 0
+    ckpt_path, hist_path, state_path = run_dir / CHECKPOINT, run_dir / HISTORY, run_dir / TRAINED
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if len(splits.train) == 0:
+        raise DataError("the training split is empty")
+
+    _seed_all(config.seed)
+    module.to(device)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    enforcer = _hold_masks(module, masks)
+    enforcer.apply_()
+    optimizer = make_optimizer(module, config)
+    per_rank_batch = max(1, config.batch_size // world)
+    loader = make_loader(splits.train, per_rank_batch, shuffle=True, seed=config.seed, rank=rank, world_size=world)
+    steps_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch)
+    )
+    fingerprint = _fingerprint(config, world, splits)
+    cpu_masks = {k: v.detach().to("cpu", torch.bool) for k, v in masks.items()}
+
+    # Resume: weights, optimizer, scheduler, RNG states and history from the last finished epoch.
+    start_epoch, history = 0, []
+    if ckpt_path.exists():
+        # Our own file in our run directory: full unpickling is needed for numpy's RNG state.
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        same_masks = ckpt.get("masks", {}).keys() == cpu_masks.keys() and all(
+            torch.equal(ckpt["masks"][k], v) for k, v in cpu_masks.items()
+        )
+        if ckpt.get("fingerprint") == fingerprint and same_masks:
+            module.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+            start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+            enforcer.apply_()
+            enforcer.mask_optimizer_state_(optimizer)
+        elif is_main:
+            warnings.warn(f"{ckpt_path} belongs to another recipe or other masks; training from scratch", stacklevel=2)
+    resumed_from = start_epoch
+
+    model = module
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    end_epoch = config.epochs
+    if max_epochs_this_call is not None:
+        end_epoch = min(end_epoch, start_epoch + max(0, int(max_epochs_this_call)))
+    show = progress and is_main
+    if show:
+        from tqdm.auto import tqdm
+
+    for epoch in range(start_epoch, end_epoch):
+        loader.set_epoch(epoch)
+        model.train()
+        bar = tqdm(total=steps_per_epoch, desc=f"train {epoch + 1}/{config.epochs}", leave=False) if show else None
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _mask_grads_(enforcer)
+            optimizer.step()
+            scheduler.step()
+            enforcer.apply_()  # pruned weights back to exactly 0.0
+            with torch.no_grad():
+                sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
+                                     torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            if bar is not None:
+                bar.update(1)
+                if step % 5 == 0 or step == steps_per_epoch - 1:
+                    s = sums.tolist()
+                    bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}",
+                                    img_s=f"{s[2] * world / (time.perf_counter() - t0):.0f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if world > 1:
+            dist.all_reduce(sums)
+        loss_sum, correct, n = sums.tolist()
+        val_loss, val_acc = evaluate(module, splits.val, batch_size=max(256, per_rank_batch), device=device)
+        history.append({
+            "epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
+            "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "images_per_s": n / train_s,
+            "seconds": train_s, "images": int(n),
+        })
+        if show:
+            h = history[-1]
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} "
+                       f"val {h['val_acc']:.3f} lr {h['lr']:.4g} {h['images_per_s']:.0f} img/s")
+        rng = [_rng_state()]
+        if world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if is_main:
+            ckpt = {
+                "epoch": epoch + 1, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng, "masks": cpu_masks, "history": history,
+                "fingerprint": fingerprint,
+            }
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(ckpt, tmp)
+            write_json_atomic(hist_path, {"fingerprint": fingerprint, "epochs": history})
+        if world > 1:
+            dist.barrier()
+
+    done = len(history) >= config.epochs
+    last = history[-1] if history else None
+    if last is None:  # zero epochs: score the masked network as it is
+        vl, va = evaluate(module, splits.val, device=device)
+        tl, ta = evaluate(module, splits.train_plain, device=device)
+        last = {"train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va, "images_per_s": 0.0}
+    if is_main:
+        if not hist_path.exists():
+            write_json_atomic(hist_path, {"fingerprint": fingerprint, "epochs": history})
+        if done:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+            with atomic_path(state_path) as tmp:
+                torch.save(state, tmp)
+            if plot and history:
+                _plot_history(history, run_dir / CURVE)
+    this_call = history[resumed_from:] if history else []
+    ips = (sum(h["images"] for h in this_call) / sum(h["seconds"] for h in this_call)) if this_call else \
+        float(last["images_per_s"])
+    if world > 1:
+        dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
+    return TrainResult(
+        state_path=state_path, history_path=hist_path, checkpoint_path=ckpt_path, epochs=len(history),
+        epochs_target=config.epochs, completed=done, resumed_from_epoch=resumed_from,
+        train_loss=float(last["train_loss"]), train_acc=float(last["train_acc"]), val_loss=float(last["val_loss"]),
+        val_acc=float(last["val_acc"]), images_per_s=float(ips), density=_density(enforcer), device=str(device),
+        world_size=world, seconds=time.perf_counter() - t_start,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def model_io(normalized_path: str | os.PathLike, image_size: tuple[int, int] | None = None,
+             module: nn.Module | None = None) -> tuple[tuple[int, int, int], int]:
+    """((C, H, W), num_classes) of an ONNX classifier; dynamic H/W come from `image_size`, a dynamic class count
+    from one forward pass of `module`."""
+    import onnx
+
+    m = onnx.load(str(normalized_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inp = next(i for i in m.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise DataError(f"model input {inp.name!r} has shape {dims}; expected (N, C, H, W) images")
+    c, h, w = dims[1:]
+    if c is None:
+        raise DataError(f"model input {inp.name!r} has a dynamic channel count; cannot map images to it")
+    if h is None or w is None:
+        if image_size is None:
+            raise DataError(f"model input {inp.name!r} has dynamic H/W {dims[2:]}; set image_size (H W)")
+        h, w = (int(v) for v in image_size)
+    out_dims = [d.dim_value if d.HasField("dim_value") else None for d in m.graph.output[0].type.tensor_type.shape.dim]
+    num_classes = out_dims[-1] if out_dims and out_dims[-1] else None
+    if num_classes is None:
+        if module is None:
+            raise DataError("the model's class count is dynamic; cannot check labels against it")
+        with torch.no_grad():
+            was = module.training
+            module.eval()
+            num_classes = int(module(torch.zeros(1, c, h, w)).shape[-1])
+            module.train(was)
+    return (int(c), int(h), int(w)), int(num_classes)
+
+
+def sparse_train(
+    normalized_path: str | os.PathLike,
+    masks_path: str | os.PathLike,
+    config: CompressConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    max_epochs_this_call: int | None = None,
+) -> TrainResult:
+    """Stage: rebuild the module from `normalized_path` (ONNX import's deterministic re-conversion), load the
+    masks, load `config.data` shaped for the model's input, train, write run_dir/trained.pt."""
+    from stages.compute_masks import load_masks
+    from stages.import_onnx import load_module
+
+    module, param_map = load_module(normalized_path)
+    maskset = load_masks(masks_path, param_map)
+    shape, num_classes = model_io(normalized_path, config.image_size, module)
+    splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
+                       seed=config.seed, augment=config.augment)
+    result = train_module(module, maskset, splits, config, run_dir, progress=progress,
+                          max_epochs_this_call=max_epochs_this_call)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json_atomic(Path(run_dir) / "train_result.json",
+                          {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
+                           "data": splits.source, "mean": splits.mean, "std": splits.std})
+    return result
+
+
+__all__ = ["TrainResult", "evaluate", "make_optimizer", "model_io", "sparse_train", "train_module"]

@@ -1,0 +1,579 @@
+"""Validate an exported model with onnxruntime: accuracy, sparsity read from the file, parity with torch,
+latency and sizes, and the gate; writes report.json, report.md and report.png. Imports no flows/prefect/click.
+
+Everything is measured on the file a user would deploy, never on the torch module: sparsity counts the
+zeros stored in the ONNX initializers, accuracy comes from an onnxruntime session on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pipeline.artifacts import atomic_path, write_bytes_atomic, write_json_atomic
+from pipeline.config import CompressConfig
+from pipeline.devices import resolve_device
+from pipeline.errors import BadInputError, InvalidModelError
+
+# Which input of each operator is its weight (the tensor pruning removes entries from). MatMul has no
+# fixed side: whichever operand is an initializer is the weight.
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
+
+ORT_DENSE_SPEED = (
+    "onnxruntime multiplies unstructured zeros like any other value, so the pruned model runs at dense "
+    "speed: what this sparsity buys today is the file size (gzipped or with sparse initializers) at the "
+    "accuracy shown, not lower latency."
+)
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One prunable initializer as stored in the file."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.zeros / self.numel if self.numel else 1.0
+
+
+@dataclass(frozen=True)
+class FileSparsity:
+    """Zeros counted in an ONNX file: prunable weights (per layer and global) and all float parameters."""
+
+    layers: tuple[LayerSparsity, ...]
+    prunable_total: int
+    prunable_zeros: int
+    params_total: int
+    params_zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.prunable_zeros / self.prunable_total if self.prunable_total else 0.0
+
+    @property
+    def params_sparsity(self) -> float:
+        return self.params_zeros / self.params_total if self.params_total else 0.0
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What `validate` measured; `to_dict()` is report.json. Small enough to pass between Prefect tasks."""
+
+    exported_path: str
+    report_json: str
+    report_md: str
+    report_png: str
+    provider: str
+    n_val: int
+    top1: float
+    top5: float
+    target_sparsity: float
+    sparsity: FileSparsity
+    parity_max_abs: float
+    parity_max_rel: float
+    latency_ms: dict  # {"input": {"p50": .., "p90": ..}, "exported": {...}}, batch of one
+    sizes: dict  # bytes: input, exported, dense, dense_gzip, sparse_initializers, sparse_initializers_gzip
+    checks: tuple[GateCheck, ...]
+    baseline_accuracy: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        return tuple(c.message for c in self.checks if not c.passed)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sparsity"].update(sparsity=self.sparsity.sparsity, params_sparsity=self.sparsity.params_sparsity)
+        for layer, obj in zip(d["sparsity"]["layers"], self.sparsity.layers, strict=True):
+            layer["density"] = obj.density
+        d.update(passed=self.passed, failures=list(self.failures))
+        return d
+
+
+def validate(
+    exported_path: str | Path,
+    config: CompressConfig,
+    run_dir: str | Path,
+    *,
+    input_path: str | Path | None = None,
+    normalized_path: str | Path | None = None,
+    state_path: str | Path | None = None,
+    history_path: str | Path | None = None,
+    reference=None,
+    val=None,
+    latency_runs: int = 30,
+) -> ValidationReport:
+    """Measure `exported_path` and apply the gate of `config`; write report.json/md/png into `run_dir`.
+
+    The torch side of the parity check is `reference` when given, else the module rebuilt from
+    `normalized_path` with the trained `state_path` loaded (what export wrote back), else the module
+    converted from the exported file itself. `val` is the held-out dataset of (image, label) pairs;
+    default: `pipeline.data.load_data(config.data, ...).val`, the same split training held out.
+    """
+    from stages.onnx_convert import runtime
+
+    exported_path, run_dir = Path(exported_path), Path(run_dir)
+    input_path = Path(input_path or config.model)
+    model = _load(exported_path)
+    input_name, input_shape, num_classes = classifier_io(model, config.image_size)
+
+    device = resolve_device(config.device)  # onnxruntime gets CUDA only when asked for and present
+    session = runtime.session(exported_path, device=device)
+    provider = session.get_providers()[0]
+
+    if val is None:
+        from pipeline.data import load_data
+
+        val = load_data(
+            config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
+            seed=config.seed, augment=False,
+        ).val
+    top1, top5, first_batch = _accuracy(session, input_name, val, _fixed_batch(model))
+
+    sparsity = file_sparsity(model)
+    if reference is None:
+        reference = _reference_module(exported_path, normalized_path, state_path)
+    parity_abs, parity_rel = parity(reference, session, input_name, first_batch)
+
+    latency = {
+        "input": _latency(runtime.session(input_path, device=device), input_shape, latency_runs),
+        "exported": _latency(session, input_shape, latency_runs),
+    }
+    sizes = file_sizes(input_path, exported_path, model)
+    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel)
+
+    report = ValidationReport(
+        exported_path=str(exported_path),
+        report_json=str(run_dir / "report.json"),
+        report_md=str(run_dir / "report.md"),
+        report_png=str(run_dir / "report.png"),
+        provider=provider,
+        n_val=len(val),
+        top1=top1,
+        top5=top5,
+        target_sparsity=config.sparsity,
+        sparsity=sparsity,
+        parity_max_abs=parity_abs,
+        parity_max_rel=parity_rel,
+        latency_ms=latency,
+        sizes=sizes,
+        checks=tuple(checks),
+        baseline_accuracy=config.baseline_accuracy,
+    )
+    history = _read_history(history_path)
+    write_plot(report, history, report.report_png)
+    write_bytes_atomic(report.report_md, render_markdown(report, config).encode())
+    write_json_atomic(report.report_json, report.to_dict())
+    return report
+
+
+def load_report(path: str | Path) -> ValidationReport:
+    """Rebuild a ValidationReport from report.json."""
+    d = json.loads(Path(path).read_text())
+    d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(ValidationReport)}}
+    s = d["sparsity"]
+    layers = tuple(
+        LayerSparsity(l["name"], l["op"], tuple(l["shape"]), l["numel"], l["zeros"]) for l in s["layers"]
+    )
+    d["sparsity"] = FileSparsity(layers, s["prunable_total"], s["prunable_zeros"], s["params_total"], s["params_zeros"])
+    d["checks"] = tuple(GateCheck(**c) for c in d["checks"])
+    return ValidationReport(**d)
+
+
+# --- reading the file -------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError, OSError, ValueError… for a bad file
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def classifier_io(model: onnx.ModelProto, image_size: Sequence[int] | None = None) -> tuple[str, tuple, int]:
+    """(input name, (C, H, W), number of classes) of a single-image-input classifier; a dynamic H/W comes
+    from `image_size`, a dynamic class count from one onnxruntime run on zeros."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise BadInputError(f"expected a classifier with one image input, got inputs {[i.name for i in inputs]}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise BadInputError(f"model input {inputs[0].name!r} has shape {dims}; expected (N, C, H, W) images")
+    c, h, w = dims[1:]
+    if image_size is not None:
+        if h is not None and w is not None and (h, w) != tuple(int(v) for v in image_size):
+            raise BadInputError(f"model input {inputs[0].name!r} is fixed at {h}x{w}; --image-size applies "
+                                f"only to models with a dynamic size (got {image_size[0]} {image_size[1]})")
+        h, w = (int(v) for v in image_size)
+    if c is None or h is None or w is None:
+        raise BadInputError(f"model input {inputs[0].name!r} has a dynamic size {dims}; pass --image-size H W")
+    out = model.graph.output[0].type.tensor_type.shape.dim
+    num_classes = out[-1].dim_value if len(out) and out[-1].HasField("dim_value") else 0
+    if not num_classes:
+        from stages.onnx_convert import runtime
+
+        session = runtime.session(model.SerializeToString())
+        x = np.zeros((dims[0] or 1, c, h, w), np.float32)
+        num_classes = int(session.run(None, {inputs[0].name: x})[0].shape[-1])
+    return inputs[0].name, (int(c), int(h), int(w)), int(num_classes)
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    d0 = inp.type.tensor_type.shape.dim[0]
+    return d0.dim_value if d0.HasField("dim_value") and d0.dim_value > 0 else None
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _float_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """name -> (shape, numel, zeros) of the float initializers, dense and sparse ones."""
+    out = {}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    for t in graph.initializer:
+        if t.data_type in floats:
+            a = numpy_helper.to_array(t)
+            out[t.name] = (tuple(a.shape), int(a.size), int(a.size - np.count_nonzero(a)))
+    for st in graph.sparse_initializer:
+        if st.values.data_type in floats:
+            shape = tuple(int(d) for d in st.dims)
+            numel = math.prod(shape)
+            nonzero = int(np.count_nonzero(numpy_helper.to_array(st.values)))
+            out[st.values.name] = (shape, numel, numel - nonzero)
+    return out
+
+
+def file_sparsity(model: onnx.ModelProto) -> FileSparsity:
+    """Zeros in the prunable weights (initializers feeding a Conv/ConvTranspose/Gemm/MatMul weight input)
+    and in all float parameters, subgraphs included."""
+    layers, seen = [], set()
+    params_total = params_zeros = 0
+    for graph in _graphs(model.graph):
+        tensors = _float_tensors(graph)
+        for _shape, numel, zeros in tensors.values():
+            params_total += numel
+            params_zeros += zeros
+        for node in graph.node:
+            for idx in WEIGHT_INPUTS.get(node.op_type, ()):
+                if idx < len(node.input) and node.input[idx] in tensors and node.input[idx] not in seen:
+                    name = node.input[idx]
+                    seen.add(name)
+                    shape, numel, zeros = tensors[name]
+                    if len(shape) >= 2:  # a 1-D operand is a bias-like vector, not a weight matrix
+                        layers.append(LayerSparsity(name, node.op_type, shape, numel, zeros))
+                    break
+    return FileSparsity(
+        layers=tuple(layers),
+        prunable_total=sum(l.numel for l in layers),
+        prunable_zeros=sum(l.zeros for l in layers),
+        params_total=params_total,
+        params_zeros=params_zeros,
+    )
+
+
+def file_sizes(input_path: Path, exported_path: Path, model: onnx.ModelProto) -> dict:
+    """Bytes of the input file and of the exported model dense, gzipped, and with sparse initializers."""
+    from stages.export_onnx import sparse_initializer_bytes
+
+    dense_model = _densified(model)
+    dense = dense_model.SerializeToString()
+    sizes = {"input": input_path.stat().st_size, "exported": exported_path.stat().st_size,
+             "dense": len(dense), "dense_gzip": len(gzip.compress(dense, compresslevel=6))}
+    sparse = sparse_initializer_bytes(dense_model)
+    sizes["sparse_initializers"] = len(sparse)
+    sizes["sparse_initializers_gzip"] = len(gzip.compress(sparse, compresslevel=6))
+    return sizes
+
+
+def _densified(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every sparse_initializer of its main graph written back as a dense initializer."""
+    if not model.graph.sparse_initializer:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for st in out.graph.sparse_initializer:
+        values = numpy_helper.to_array(st.values)
+        dense = np.zeros(math.prod(st.dims), values.dtype)
+        indices = numpy_helper.to_array(st.indices)
+        if indices.ndim == 2:  # [NNZ, rank] coordinates instead of linear indices
+            indices = np.ravel_multi_index(indices.T, tuple(st.dims))
+        dense[indices] = values
+        out.graph.initializer.append(numpy_helper.from_array(dense.reshape(tuple(st.dims)), st.values.name))
+    del out.graph.sparse_initializer[:]
+    return out
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+def _batches(dataset, batch_size: int):
+    import torch
+
+    for start in range(0, len(dataset), batch_size):
+        if hasattr(dataset, "batch"):  # pipeline.data's in-memory datasets serve whole batches
+            x, y = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset))))
+            yield x.numpy().astype(np.float32, copy=False), y.numpy()
+            continue
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        x = np.stack([np.asarray(it[0], dtype=np.float32) for it in items])
+        y = np.asarray([int(it[1]) for it in items])
+        yield x, y
+
+
+def _run(session, input_name: str, x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+    if fixed_batch is None:
+        return session.run(None, {input_name: x})[0]
+    outs = []
+    for start in range(0, len(x), fixed_batch):  # a model exported with a fixed batch: pad the last chunk
+        chunk = x[start : start + fixed_batch]
+        pad = fixed_batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(session.run(None, {input_name: chunk})[0][: fixed_batch - pad])
+    return np.concatenate(outs)
+
+
+def _accuracy(session, input_name: str, dataset, fixed_batch: int | None, batch_size: int = 256):
+    if len(dataset) == 0:
+        raise BadInputError("the held-out split is empty; raise --val-fraction or give more data")
+    hits1 = hits5 = n = 0
+    first = None
+    for x, y in _batches(dataset, batch_size):
+        if first is None:
+            first = x[:16]
+        logits = _run(session, input_name, x, fixed_batch)
+        k = min(5, logits.shape[1])
+        topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        hits1 += int((topk[:, 0] == y).sum())
+        hits5 += int((topk == y[:, None]).any(axis=1).sum())
+        n += len(y)
+    return hits1 / n, hits5 / n, first
+
+
+def _reference_module(exported_path: Path, normalized_path, state_path):
+    import torch
+
+    from stages.import_onnx import load_module
+
+    if normalized_path is not None and state_path is not None:
+        module, _ = load_module(normalized_path)
+        module.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+    else:
+        module, _ = load_module(exported_path)
+    return module
+
+
+def parity(reference, session, input_name: str, x: np.ndarray) -> tuple[float, float]:
+    """Max abs difference between torch and onnxruntime on the same inputs, and that difference relative to
+    the largest torch output (a scale-free figure the tolerance applies to)."""
+    import torch
+
+    reference = reference.eval().to("cpu")
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).float().numpy()
+    got = _run(session, input_name, x, _session_fixed_batch(session))
+    diff = float(np.max(np.abs(want - got))) if want.size else 0.0
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    return diff, diff / max(scale, 1e-12)
+
+
+def _session_fixed_batch(session) -> int | None:
+    d0 = session.get_inputs()[0].shape[0]
+    return d0 if isinstance(d0, int) and d0 > 0 else None
+
+
+def _latency(session, input_shape: tuple, runs: int, budget_s: float = 3.0) -> dict:
+    """p50/p90 milliseconds of one image through `session` (batch of one, or the fixed batch)."""
+    batch = _session_fixed_batch(session) or 1
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+    name = session.get_inputs()[0].name
+    for _ in range(3):
+        session.run(None, {name: x})
+    times, start = [], time.perf_counter()
+    while len(times) < runs and (time.perf_counter() - start < budget_s or len(times) < 5):
+        t = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "runs": len(times)}
+
+
+# --- the gate ---------------------------------------------------------------------------------------------
+
+
+def gate(config: CompressConfig, *, top1: float, sparsity: FileSparsity, parity_rel: float) -> list[GateCheck]:
+    """Each condition of the gate with whether it passed and, when not, by how much it missed."""
+    checks = [
+        GateCheck(
+            "min_accuracy",
+            top1 >= config.min_accuracy,
+            f"top-1 accuracy {top1:.4f} vs minimum {config.min_accuracy:.4f}"
+            + ("" if top1 >= config.min_accuracy else f" (short by {config.min_accuracy - top1:.4f})"),
+        )
+    ]
+    if config.baseline_accuracy is not None and config.max_drop is not None:
+        drop = config.baseline_accuracy - top1
+        ok = drop <= config.max_drop + 1e-12
+        checks.append(GateCheck(
+            "max_drop", ok,
+            f"accuracy drop {drop:.4f} from baseline {config.baseline_accuracy:.4f} vs allowed {config.max_drop:.4f}"
+            + ("" if ok else f" (over by {drop - config.max_drop:.4f})"),
+        ))
+    # "Within one weight": exact top-k keeps round(density * total), which may sit one weight short.
+    wanted = config.sparsity * sparsity.prunable_total
+    ok = sparsity.prunable_total > 0 and sparsity.prunable_zeros + 1 >= wanted
+    checks.append(GateCheck(
+        "sparsity", ok,
+        f"sparsity {sparsity.sparsity:.4f} ({sparsity.prunable_zeros}/{sparsity.prunable_total} prunable weights zero)"
+        f" vs target {config.sparsity:.4f}"
+        + ("" if ok else f" (short by {math.ceil(wanted - 1 - sparsity.prunable_zeros)} weights)"),
+    ))
+    ok = parity_rel <= config.parity_tol
+    checks.append(GateCheck(
+        "parity", ok,
+        f"torch/onnxruntime relative difference {parity_rel:.2e} vs tolerance {config.parity_tol:.0e}"
+        + ("" if ok else f" (over by {parity_rel / config.parity_tol:.1f}x)"),
+    ))
+    return checks
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 1e6:.3f} MB"
+
+
+def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
+    s, z, lat = report.sparsity, report.sizes, report.latency_ms
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [
+        f"# force-compress report: {config.model_name}",
+        "",
+        f"**Gate: {verdict}** — {config.method} at sparsity {config.sparsity:g}, onnxruntime on {report.provider}.",
+        "",
+    ]
+    lines += [f"- {'✅' if c.passed else '❌'} {c.message}" for c in report.checks]
+    lines += [
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| top-1 / top-5 (held-out, {report.n_val} images) | {report.top1:.4f} / {report.top5:.4f} |",
+        f"| sparsity of prunable weights | {s.sparsity:.4f} ({s.prunable_zeros:,} of {s.prunable_total:,} zero) |",
+        f"| sparsity of all parameters | {s.params_sparsity:.4f} ({s.params_zeros:,} of {s.params_total:,} zero) |",
+        f"| torch ↔ onnxruntime max abs / rel difference | {report.parity_max_abs:.2e} / {report.parity_max_rel:.2e} |",
+        "",
+        "## What the sparsity buys",
+        "",
+        "| | size | latency p50 / p90 (batch 1) |",
+        "| --- | --- | --- |",
+        f"| input model (dense) | {_mb(z['input'])} | {lat['input']['p50']:.3f} / {lat['input']['p90']:.3f} ms |",
+        f"| exported ({config.storage} storage) | {_mb(z['exported'])} "
+        f"| {lat['exported']['p50']:.3f} / {lat['exported']['p90']:.3f} ms |",
+    ]
+    lines += [
+        f"| exported, dense initializers, gzipped | {_mb(z['dense_gzip'])} | – |",
+        f"| exported with sparse initializers | {_mb(z['sparse_initializers'])} | – |",
+        f"| sparse initializers, gzipped | {_mb(z['sparse_initializers_gzip'])} | – |",
+        "",
+        ORT_DENSE_SPEED,
+        "",
+        "## Per-layer density",
+        "",
+        "| initializer | op | shape | kept | density |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| `{l.name}` | {l.op} | {'×'.join(map(str, l.shape))} | {l.numel - l.zeros:,} / {l.numel:,} "
+        f"| {l.density:.4f} |"
+        for l in s.layers
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def layer_table(report: ValidationReport) -> list[dict]:
+    """Per-layer rows (for a Prefect table artifact or a CSV)."""
+    return [
+        {"initializer": l.name, "op": l.op, "shape": "x".join(map(str, l.shape)), "numel": l.numel,
+         "kept": l.numel - l.zeros, "density": round(l.density, 6)}
+        for l in report.sparsity.layers
+    ]
+
+
+def _read_history(path) -> list[dict]:
+    """Per-epoch records from the training stage's history file: a list of dicts, or a dict holding one."""
+    if path is None or not Path(path).exists():
+        return []
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)), [])
+    return [r for r in data if isinstance(r, dict)]
+
+
+def write_plot(report: ValidationReport, history: list[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report.sparsity.layers
+    ncols = 2 if history else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, max(3.0, 0.22 * len(layers) + 1.2)), squeeze=False)
+    ax = axes[0][0]
+    ax.barh(range(len(layers)), [l.density for l in layers], color="tab:blue")
+    ax.set_yticks(range(len(layers)), [l.name[-28:] for l in layers], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("density (kept fraction)")
+    ax.set_title(f"per-layer density, global {1 - report.sparsity.sparsity:.4f}")
+    if history:
+        ax = axes[0][1]
+        epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
+        for key in sorted({k for r in history for k, v in r.items() if isinstance(v, int | float)} - {"epoch"}):
+            values = [r.get(key) for r in history]
+            if "loss" in key:
+                ax.plot(epochs, values, marker="o", label=key)
+            elif "acc" in key:
+                ax.plot(epochs, values, marker="s", linestyle="--", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title("sparse training")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
