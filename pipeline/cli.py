@@ -5,6 +5,7 @@ Exit codes: 0 success/published, 1 gate failed, 2 bad input, 3 environment, othe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -37,6 +38,134 @@ def main() -> None:
 
 
 # --- commands: masks, apply-masks, inspect, export-model (ONNX in/out) ---
+
+
+def _echo_json(obj) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@main.command("masks")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--method", required=True, help="mask method (force, iter_snip, snip, grasp, synflow, magnitude, random)")
+@click.option("--sparsity", required=True, type=float, help="fraction of prunable weights to remove, e.g. 0.9")
+@click.option("--steps", type=int, default=None, help="pruning steps for iterative methods [default: the method's]")
+@click.option("--schedule", type=click.Choice(["exp", "linear"]), default="exp", show_default=True)
+@click.option("--data", default=None, help="data spec for data-dependent methods: digits | imagefolder:PATH | npz:PATH")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="images per pruning mini-batch")
+@click.option("--batches-per-step", type=int, default=1, show_default=True)
+@click.option("--image-size", type=int, nargs=2, default=None, metavar="H W", help="for dynamic spatial inputs")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
+@_handle_errors
+def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed, out):
+    """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
+    import tempfile
+
+    from pipeline.errors import BadInputError
+    from stages.compute_masks import DATA_FREE_METHODS, compute_masks_stage
+    from stages.import_onnx import import_onnx
+
+    if not 0.0 < sparsity < 1.0:
+        raise BadInputError(f"--sparsity must be in (0, 1) (pruned fraction), got {sparsity}")
+    if data is None and method not in DATA_FREE_METHODS:
+        raise BadInputError(f"method {method!r} scores weights on data: give --data "
+                            f"(data-free methods: {', '.join(sorted(DATA_FREE_METHODS))})")
+    with tempfile.TemporaryDirectory() as tmp:
+        imported = import_onnx(model, tmp, image_size=tuple(image_size) if image_size else None)
+        batches = None
+        if data is not None:
+            from pipeline.data import load_data, mask_batches
+
+            splits = load_data(data, imported.input_shape, num_classes=imported.num_classes, seed=seed, augment=False)
+            batches = mask_batches(splits, batch_size, batches_per_step, seed=seed)
+        result = compute_masks_stage(imported.normalized_path, out, method=method, density=1.0 - sparsity,
+                                     steps=steps, schedule=schedule, batches=batches,
+                                     batches_per_step=batches_per_step, seed=seed)
+    click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
+               f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
+               f"sidecar {result.meta_path}")
+
+
+@main.command("apply-masks")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("masks", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("--storage", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True)
+@click.option("--image-size", type=int, nargs=2, default=None, metavar="H W", help="for dynamic spatial inputs")
+@_handle_errors
+def apply_masks_cmd(model, masks, out, storage, image_size):
+    """Zero the masked weights of MODEL (no training) and write OUT.onnx."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from stages.export_onnx import export_onnx
+    from stages.import_onnx import import_onnx
+
+    side = Path(masks).with_suffix(".json")
+    meta = json.loads(side.read_text()) if side.exists() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        imported = import_onnx(model, tmp, image_size=tuple(image_size) if image_size else None)
+        provenance = {"source_sha256": imported.source_sha256, "method": meta.get("method", "unknown"),
+                      "sparsity": meta.get("target_sparsity"), "masks": Path(masks).name, "trained": False}
+        result = export_onnx(imported.normalized_path, None, out, masks_path=masks, storage=storage,
+                             provenance=provenance)
+    click.echo(f"{result.out_path}: sparsity {1 - result.density:.4f} of {result.n_prunable} prunable weights; "
+               f"{result.size_bytes} bytes ({storage}); dense {result.dense_size_bytes} "
+               f"(gzip {result.dense_gzip_bytes}), sparse {result.sparse_size_bytes} (gzip {result.sparse_gzip_bytes})")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--no-import", "no_import", is_flag=True, help="skip the trial import (faster)")
+@click.option("--image-size", type=int, nargs=2, default=None, metavar="H W", help="for dynamic spatial inputs")
+@_handle_errors
+def inspect_cmd(model, as_json, no_import, image_size):
+    """Per-layer shapes, parameter counts and sparsity, opset, producer, and whether import succeeds."""
+    from stages.onnx_convert.inspection import inspect_model
+
+    info = inspect_model(model, try_import=not no_import, image_size=tuple(image_size) if image_size else None)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"{info['path']}: producer {info['producer'] or '?'}, IR {info['ir_version']}, opsets {info['opsets']}")
+    for v in info["inputs"]:
+        click.echo(f"  input  {v['name']} {v['shape']}")
+    for v in info["outputs"]:
+        click.echo(f"  output {v['name']} {v['shape']}")
+    click.echo(f"  {info['nodes']} nodes, {info['params_total']} parameters, {info['prunable_params']} prunable, "
+               f"sparsity {info['sparsity']:.4f}")
+    for layer in info["layers"]:
+        click.echo(f"  {layer['op']:<13} {layer['initializer']:<48} {str(layer['shape']):<22} "
+                   f"{layer['params']:>10} {layer['sparsity']:7.2%}")
+    if "import" in info:
+        imp = info["import"]
+        click.echo("  import: ok" + (f" ({'; '.join(imp['changes'])})" if imp["changes"] else "")
+                   if imp["ok"] else f"  import: FAILS: {imp['error']}")
+
+
+@main.command("export-model")
+@click.argument("arch")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("--num-classes", type=int, default=10, show_default=True)
+@click.option("--input-size", type=int, nargs=2, default=(32, 32), show_default=True, metavar="H W")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: 18]")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="torchscript (dynamo=False) keeps BatchNorm nodes; dynamo folds them in eval mode")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_handle_errors
+def export_model_cmd(arch, out, num_classes, input_size, opset, exporter, seed):
+    """Export torchvision architecture ARCH at initialization (no download) to ONNX."""
+    from stages.onnx_convert.torchvision_export import DEFAULT_OPSET, export_torchvision
+
+    path = export_torchvision(arch, out, num_classes=num_classes, input_size=tuple(input_size),
+                              opset=opset or DEFAULT_OPSET, exporter=exporter, seed=seed)
+    click.echo(f"{path}: torchvision {arch} at init, {num_classes} classes, input 3x{input_size[0]}x{input_size[1]}, "
+               f"opset {opset or DEFAULT_OPSET}, exporter {exporter}")
+
 
 # --- commands: compress, serve (the flow) ---
 
@@ -142,11 +271,14 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     start = time.perf_counter()
     config = make_config(model=model, **fields)
     request = check_request(config)  # bad input stops here, before any file is written
+    # With --json, stdout carries the summary only: whatever a stage prints goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        if no_prefect:
-            summary = run_all(config, _stage_printer(len(STAGE_NAMES)), request=request).to_dict()
-        else:
-            summary = _run_flow(config, request.run_dir)
+        with quiet:
+            if no_prefect:
+                summary = run_all(config, _stage_printer(len(STAGE_NAMES)), request=request).to_dict()
+            else:
+                summary = _run_flow(config, request.run_dir)
     except ForceCompressError:
         raise
     except Exception as e:  # internal error: keep the traceback, exit 4 (never 1, which means "gate failed")
@@ -155,7 +287,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
         sys.exit(4)
     summary = {**summary, "prefect": not no_prefect, "seconds": round(time.perf_counter() - start, 2)}
     if as_json:
-        click.echo(json.dumps(summary, sort_keys=True, default=str))
+        click.echo(json.dumps(summary, default=str))  # keys in order: stages run order
     else:
         _print_summary(summary)
     sys.exit(summary["exit_code"])

@@ -46,7 +46,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     import time
 
     if method not in force_core.available_methods():
-        raise BadInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(force_core.available_methods()))}")
+        known = ", ".join(sorted(force_core.available_methods()))
+        raise BadInputError(f"unknown method {method!r}; choose one of {known}")
     if not 0.0 < density <= 1.0:
         raise BadInputError(f"density must be in (0, 1] (kept fraction), got {density}")
     batches = list(batches) if batches is not None else []

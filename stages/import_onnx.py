@@ -98,6 +98,9 @@ def parity(module: nn.Module, model_path: str | os.PathLike, input_shape: tuple[
     try:
         with torch.no_grad():
             y_torch = module(x)
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        raise ParityError(f"the converted module fails to run on a batch of {batch}: "
+                          f"{' '.join(str(e).split())[:300]}") from None
     finally:
         module.train(was_training)
     if isinstance(y_torch, (tuple, list)):

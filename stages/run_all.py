@@ -7,8 +7,8 @@ record, so a stage can be cached, retried or resumed on its own. Imports no flow
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import os
 import shutil
 import time
@@ -130,16 +130,31 @@ def import_stage(model_path: str, run_dir: str, config: CompressConfig):
 
 
 def masks_stage(normalized_path: str, run_dir: str, config: CompressConfig, input_shape: tuple, num_classes: int):
+    from tqdm import tqdm
+
     from pipeline.data import load_data, mask_batches
+    from pipeline.devices import resolve_device
     from stages.compute_masks import compute_masks_stage
 
     splits = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
                        seed=config.seed, augment=False)
     batches = mask_batches(splits, config.mask_batch_size, config.mask_batches_per_step, seed=config.seed)
-    return compute_masks_stage(
-        normalized_path, Path(run_dir) / "masks.npz", method=config.method, density=config.density,
-        steps=config.steps, schedule=config.schedule, batches=batches, seed=config.seed,
-    )
+    bar = tqdm(total=config.steps, desc=f"masks ({config.method})", leave=False, unit="step")
+
+    def progress(step: int, total: int, info: dict) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in info.items() if isinstance(v, float)}, refresh=False)
+
+    try:
+        return compute_masks_stage(
+            normalized_path, Path(run_dir) / "masks.npz", method=config.method, density=config.density,
+            steps=config.steps, schedule=config.schedule, batches=batches,
+            batches_per_step=config.mask_batches_per_step, seed=config.seed, progress=progress,
+            device=resolve_device(config.device),
+        )
+    finally:
+        bar.close()
 
 
 def train_stage(normalized_path: str, masks_path: str, run_dir: str, config: CompressConfig):
@@ -286,8 +301,20 @@ def _digest(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the code a stage result depends on (force_core, pipeline, stages): editing it invalidates caches."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for package in ("force_core", "pipeline", "stages"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name != "cli.py":
+                h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def stage_key(stage: Stage) -> str:
-    """Cache key of a stage call: its name, the source of its module, its input files' hashes and the config."""
-    source = inspect.getsourcefile(stage.fn)
-    code = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else stage.fn.__qualname__
-    return sha256_json({"stage": stage.name, "code": code, "args": _digest(stage.kwargs)})
+    """Cache key of a stage call: its name and function, the code version, its input files' hashes and the
+    config's fingerprint (never a pickle of the inputs)."""
+    fn = f"{stage.fn.__module__}.{stage.fn.__qualname__}"
+    return sha256_json({"stage": stage.name, "fn": fn, "code": code_version(), "args": _digest(stage.kwargs)})

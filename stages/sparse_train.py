@@ -61,7 +61,7 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ masks held
 
 
-def _hold_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskEnforcer:
+def hold_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskEnforcer:
     """force_core's MaskEnforcer over float 0/1 masks laid out like their weights (channels_last on CUDA), so the
     fused multiplies touch memory in the weights' own order."""
     params = dict(module.named_parameters())
@@ -85,6 +85,28 @@ def _mask_grads_(enforcer: MaskEnforcer) -> None:
     pairs = [(p.grad, m) for p, m in zip(enforcer.params, enforcer.masks, strict=True) if p.grad is not None]
     if pairs:
         torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+
+def _apply_(enforcer: MaskEnforcer) -> None:
+    if enforcer.params:  # MaskEnforcer.apply_ refuses an empty mask set (a dense run)
+        enforcer.apply_()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               enforcer: MaskEnforcer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step (bf16 autocast on CUDA); with `enforcer`, pruned entries get zero gradient and are
+    exactly 0.0 after the step. Returns (loss, logits), not synchronised."""
+    with _autocast(x.device):
+        out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if enforcer is not None:
+        _mask_grads_(enforcer)
+    optimizer.step()
+    if enforcer is not None:
+        _apply_(enforcer)  # pruned weights back to exactly 0.0
+    return loss, out
 
 
 def _density(enforcer: MaskEnforcer) -> float:
@@ -244,8 +266,8 @@ def train_module(
     module.to(device)
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)
-    enforcer = _hold_masks(module, masks)
-    enforcer.apply_()
+    enforcer = hold_masks(module, masks)
+    _apply_(enforcer)
     optimizer = make_optimizer(module, config)
     per_rank_batch = max(1, config.batch_size // world)
     loader = make_loader(splits.train, per_rank_batch, shuffle=True, seed=config.seed, rank=rank, world_size=world)
@@ -270,7 +292,7 @@ def train_module(
             scheduler.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-            enforcer.apply_()
+            _apply_(enforcer)
             enforcer.mask_optimizer_state_(optimizer)
         elif is_main:
             warnings.warn(f"{ckpt_path} belongs to another recipe or other masks; training from scratch", stacklevel=2)
@@ -298,15 +320,8 @@ def train_module(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _mask_grads_(enforcer)
-            optimizer.step()
+            loss, out = train_step(model, x, y, optimizer, enforcer)
             scheduler.step()
-            enforcer.apply_()  # pruned weights back to exactly 0.0
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
@@ -445,4 +460,5 @@ def sparse_train(
     return result
 
 
-__all__ = ["TrainResult", "evaluate", "make_optimizer", "model_io", "sparse_train", "train_module"]
+__all__ = ["TrainResult", "evaluate", "hold_masks", "make_optimizer", "model_io", "sparse_train", "train_module",
+           "train_step"]

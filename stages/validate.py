@@ -464,12 +464,13 @@ def gate(config: CompressConfig, *, top1: float, sparsity: FileSparsity, parity_
         f" vs target {config.sparsity:.4f}"
         + ("" if ok else f" (short by {math.ceil(wanted - 1 - sparsity.prunable_zeros)} weights)"),
     ))
-    ok = parity_rel <= config.parity_tol
-    checks.append(GateCheck(
-        "parity", ok,
-        f"torch/onnxruntime relative difference {parity_rel:.2e} vs tolerance {config.parity_tol:.0e}"
-        + ("" if ok else f" (over by {parity_rel / config.parity_tol:.1f}x)"),
-    ))
+    ok = parity_rel <= config.parity_tol  # False for NaN
+    if not math.isfinite(parity_rel):
+        message = "torch/onnxruntime outputs are not finite (NaN or inf: did training diverge?)"
+    else:
+        message = (f"torch/onnxruntime relative difference {parity_rel:.2e} vs tolerance {config.parity_tol:.0e}"
+                   + ("" if ok else f" (over by {parity_rel / config.parity_tol:.1f}x)"))
+    checks.append(GateCheck("parity", ok, message))
     return checks
 
 
@@ -559,6 +560,7 @@ def write_plot(report: ValidationReport, history: list[dict], path: str | Path) 
     ax.barh(range(len(layers)), [l.density for l in layers], color="tab:blue")
     ax.set_yticks(range(len(layers)), [l.name[-28:] for l in layers], fontsize=6)
     ax.invert_yaxis()
+    ax.set_xlim(0, 1)
     ax.set_xlabel("density (kept fraction)")
     ax.set_title(f"per-layer density, global {1 - report.sparsity.sparsity:.4f}")
     if history:
@@ -571,7 +573,8 @@ def write_plot(report: ValidationReport, history: list[dict], path: str | Path) 
             elif "acc" in key:
                 ax.plot(epochs, values, marker="s", linestyle="--", label=key)
         ax.set_xlabel("epoch")
-        ax.set_title("sparse training")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title("sparse training (loss: circles, accuracy: squares)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -63,7 +63,7 @@ def tiny_digits(tmp_path_factory):
     module = _tiny_cnn()
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
     x, y = splits.train.batch(torch.arange(len(splits.train)))
-    for _ in range(60):
+    for _ in range(20):  # ~0.9 held-out accuracy
         opt.zero_grad()
         F.cross_entropy(module(x), y).backward()
         opt.step()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
+from prefect.artifacts import Artifact
 
 from flows.compress import force_compress, run_stage_as_task
 from pipeline.config import CompressConfig
@@ -69,6 +70,10 @@ def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_
                   min_accuracy=0.15, registry=str(tmp_path / "registry"), runs_dir=str(tmp_path / "runs"))
     first = force_compress(**params)
     assert first["published"] and first["version"] == "v1"
+    report = Artifact.get("force-compress-report")
+    assert report is not None and "Gate: PASSED" in report.data and "dense speed" in report.data
+    layers = Artifact.get("force-compress-layers")
+    assert layers is not None and "density" in layers.data
     run_dir = Path(first["run_dir"])
     before = _inodes(run_dir)
 
@@ -79,3 +84,19 @@ def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_
     (run_dir / "masks.npz").unlink()  # a cached stage whose output is gone runs again
     third = force_compress(**params)
     assert (run_dir / "masks.npz").exists() and third["published"]
+
+
+def test_a_failed_gate_fails_the_flow_run_and_publishes_nothing(prefect_harness, tiny_at_init, tmp_path):
+    params = dict(model=tiny_at_init, sparsity=0.9, epochs=0, steps=2, mask_batch_size=64, batch_size=64,
+                  min_accuracy=1.0, registry=str(tmp_path / "registry"), runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(GateFailedError, match="short by"):
+        force_compress(**params)
+    assert not (tmp_path / "registry").exists()
+
+
+def test_bad_input_fails_the_flow_before_any_file_is_written(prefect_harness, tmp_path):
+    from pipeline.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="unknown method"):
+        force_compress(model=str(tmp_path / "m.onnx"), method="nope", runs_dir=str(tmp_path / "runs"))
+    assert list(tmp_path.iterdir()) == []

@@ -51,7 +51,9 @@ class ParamMap:
     def tensor_to_onnx(self, name: str, value: torch.Tensor) -> np.ndarray:
         """Undo the import transform: divide the scale out, transpose back; shape checked."""
         e = self.entries[name]
-        t = value.detach().to("cpu", torch.float64 if value.dtype == torch.float64 else torch.float32)
+        t = value.detach().cpu()
+        if t.is_floating_point():  # integers (shapes, indices) pass through exactly
+            t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
         if e.scale != 1.0:
             t = t / e.scale
         if e.transpose:

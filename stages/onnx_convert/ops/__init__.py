@@ -5,5 +5,4 @@ module here adds one operator family, keyed by (domain, operator, version) like 
 Importing this package registers them (once).
 """
 
-from stages.onnx_convert.ops import type_only  # noqa: F401  (first: the others build on its versions)
-from stages.onnx_convert.ops import cast_like, gelu, pad, reduce, reshape, resize, split  # noqa: F401
+from stages.onnx_convert.ops import cast_like, dropout, gelu, pad, reduce, reshape, resize, split, type_only  # noqa: F401

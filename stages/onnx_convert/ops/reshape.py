@@ -7,6 +7,7 @@ import torch
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
+from stages.onnx_convert.ops import type_only  # noqa: F401  (registers Reshape 19 and 21, wrapped here)
 from stages.onnx_convert.ops._base import override
 
 

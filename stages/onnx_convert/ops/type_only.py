@@ -30,7 +30,6 @@ _SAME_AS = [
     ("IsNaN", 20, 13, {}),
     ("ScatterND", 18, 16, {"reduction": "none"}),
     ("AveragePool", 19, 11, {"dilations": None}),
-    ("Dropout", 7, 10, {}),
     ("Slice", 1, 9, {}),  # attribute form: onnx2torch registered it as 9, a version Slice never had
     ("ArgMax", 1, 11, {}),
     ("ArgMin", 1, 11, {}),

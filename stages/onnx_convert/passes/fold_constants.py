@@ -8,7 +8,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from stages.onnx_convert.passes._graph import FLOAT_TYPES, add_initializer, consumers, initializer_map, remove_initializer
+from stages.onnx_convert.passes._graph import (
+    FLOAT_TYPES,
+    add_initializer,
+    consumers,
+    initializer_map,
+    remove_initializer,
+)
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:

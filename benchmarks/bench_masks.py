@@ -1,0 +1,191 @@
+"""Speed and memory of force_core.compute_masks (issue 2): `make bench-masks`.
+
+torchvision resnet18, 10 classes, Kaiming-normal init (fan-in, ReLU gain: the paper's), 32x32
+inputs, batch 64, FORCE with 20 steps to density 0.01, on CPU. Writes benchmarks/results/bench_masks.md.
+
+1. overhead = FORCE wall time / (steps x one plain forward+backward of the same model and batch);
+2. speed-up over a straightforward implementation that deep-copies the network every step and
+   ranks with a full `topk` (the published code's way), in the same run, checking the masks agree;
+3. memory = (peak RSS of a fresh process that runs compute_masks - peak RSS of a fresh process that
+   runs one plain forward+backward) / parameter bytes. Both child processes build the same model
+   and batch and run one plain forward+backward first, so imports, the model, the batch and the
+   allocator's warm pools cancel out; ru_maxrss is the process's lifetime peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import force_core  # noqa: E402
+
+STEPS, DENSITY, BATCH, SIZE = 20, 0.01, 64, 32
+TARGETS = {"overhead": 1.3, "speedup": 3.0, "memory": 2.5}
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    y = torch.randint(0, 10, (BATCH,), generator=g)
+    return model.train(), x, y
+
+
+def plain_pass(model, x, y) -> None:
+    F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def deepcopy_force(model, x, y, *, density=DENSITY, steps=STEPS):
+    """FORCE the published code's way: a deep copy of the network and mask variables per step,
+    scores |∂L/∂c| for weights θ0·c, a full `topk` over all N scores; exactly k kept, ties by lowest
+    index (our rule, so the masks can be compared)."""
+    names = list(force_core.prunable_parameters(model))
+    theta0 = [model.get_parameter(n).detach() for n in names]
+    sizes = [t.numel() for t in theta0]
+    n_total = sum(sizes)
+    keep = torch.ones(n_total, dtype=torch.bool)
+    for d in force_core.density_schedule(density, steps, "exp"):
+        k = force_core.kept_count(d, n_total)
+        net = copy.deepcopy(model)
+        cs = []
+        for n, t, m in zip(names, theta0, keep.split(sizes), strict=True):
+            mod = net.get_submodule(n.rsplit(".", 1)[0])
+            c = m.view_as(t).float().requires_grad_(True)
+            del mod.weight
+            mod.weight = t * c  # θ0 ⊙ c in the forward pass
+            cs.append(c)
+        F.cross_entropy(net(x), y).backward()
+        scores = torch.cat([c.grad.abs().flatten() for c in cs])
+        tau = torch.topk(scores, k, sorted=False).values.min()
+        keep = scores > tau
+        ties = (scores == tau).nonzero().squeeze(1)
+        keep[ties[: k - int(torch.count_nonzero(keep))]] = True
+    return dict(zip(names, (m.view_as(t) for m, t in zip(keep.split(sizes), theta0, strict=True)), strict=True))
+
+
+def child(kind: str) -> None:
+    model, x, y = setup()
+    plain_pass(model, x, y)
+    if kind == "masks":
+        force_core.compute_masks(model, [(x, y)], method="force", density=DENSITY, steps=STEPS)
+    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def peak_kib(kind: str) -> int:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind], check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["maxrss_kib"]
+
+
+def main() -> None:
+    load_before = os.getloadavg()
+    model, x, y = setup()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_prunable = sum(p.numel() for p in force_core.prunable_parameters(model).values())
+
+    for _ in range(2):  # warm-up
+        plain_pass(model, x, y)
+    # Interleave the measurements so that load from other processes hits all of them alike.
+    passes, forces, refs = [], [], []
+    masks = ref = None
+    for _ in range(2):
+        for _ in range(5):
+            t = time.perf_counter()
+            plain_pass(model, x, y)
+            passes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        masks = force_core.compute_masks(model, [(x, y)], method="force", density=DENSITY, steps=STEPS)
+        forces.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = deepcopy_force(model, x, y)
+        refs.append(time.perf_counter() - t)
+    t_pass = statistics.median(passes)
+    t_force, t_ref = min(forces), min(refs)
+    same = all(torch.equal(masks[n], ref[n]) for n in masks)
+    iou = sum(int(torch.count_nonzero(masks[n] & ref[n])) for n in masks) / sum(
+        int(torch.count_nonzero(masks[n] | ref[n])) for n in masks
+    )
+
+    peak_plain, peak_masks = peak_kib("plain"), peak_kib("masks")
+    extra = (peak_masks - peak_plain) * 1024 / param_bytes
+
+    overhead = t_force / (STEPS * t_pass)
+    speedup = t_ref / t_force
+    rows = [
+        (
+            "overhead: FORCE ÷ (steps × fwd+bwd)",
+            f"{overhead:.2f}",
+            f"≤ {TARGETS['overhead']}",
+            overhead <= TARGETS["overhead"],
+        ),
+        (
+            "speed-up over deep-copy + full topk",
+            f"{speedup:.2f}×",
+            f"≥ {TARGETS['speedup']}×",
+            speedup >= TARGETS["speedup"],
+        ),
+        ("extra peak memory ÷ parameter memory", f"{extra:.2f}", f"≤ {TARGETS['memory']}", extra <= TARGETS["memory"]),
+    ]
+    load_after = os.getloadavg()
+    lines = [
+        "# bench-masks: force_core.compute_masks speed and memory",
+        "",
+        f"resnet18 (10 classes, Kaiming fan-in init), {SIZE}×{SIZE}, batch {BATCH}, FORCE {STEPS} steps (exp) "
+        f"to density {DENSITY}, CPU; N = {n_prunable:,} prunable weights, parameters {param_bytes / 2**20:.1f} MiB.",
+        "",
+        "| figure | measured | target | met |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {'yes' if ok else 'no'} |" for a, b, c, ok in rows],
+        "",
+        "| raw | value |",
+        "|---|---|",
+        f"| one forward+backward (median of {len(passes)}) | {t_pass * 1e3:.1f} ms |",
+        f"| compute_masks FORCE (best of {len(forces)}) | {t_force:.2f} s ({t_force / STEPS * 1e3:.1f} ms/step) |",
+        f"| deep-copy implementation (best of {len(refs)}) | {t_ref:.2f} s ({t_ref / STEPS * 1e3:.1f} ms/step) |",
+        f"| same masks as the deep-copy implementation | {'identical' if same else f'no (IoU {iou:.3f})'} |",
+        f"| peak RSS: plain fwd+bwd / compute_masks | {peak_plain / 1024:.0f} MiB / {peak_masks / 1024:.0f} MiB |",
+        f"| kept / disconnected layers | {masks.total_kept():,} / {len(masks.disconnected)} |",
+        "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}; "
+        f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+        "(the machine is shared: other processes' load slows every figure, ratios less so).",
+        "",
+    ]
+    text = "\n".join(lines)
+    out = ROOT / "benchmarks" / "results" / "bench_masks.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=["plain", "masks"], help="internal: one memory measurement")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+    else:
+        main()

@@ -1,0 +1,79 @@
+"""The ONNX in/out commands run as a user runs them: the real `force-compress` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+
+def fc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx_cli")
+    p = fc("export-model", "mobilenet_v3_small", "--out", d / "m.onnx", "--num-classes", 5, "--input-size", 32, 32)
+    assert p.returncode == 0, p.stderr
+    return d / "m.onnx"
+
+
+def test_export_model_writes_a_torchvision_model_with_batchnorm_and_a_dynamic_batch(exported):
+    model = onnx.load(str(exported))
+    assert any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [5]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert "torchscript" in meta["force_compress.exporter"] and "opset 18" in meta["force_compress.exporter"]
+
+
+def test_inspect_masks_apply_masks_inspect(exported, tmp_path):
+    p = fc("inspect", exported, "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["import"]["ok"] and info["sparsity"] == 0.0 and info["opsets"]["ai.onnx"] == 18
+    assert info["layers"] and info["prunable_params"] == sum(layer["params"] for layer in info["layers"])
+
+    p = fc("masks", exported, "--method", "random", "--sparsity", 0.9, "--out", tmp_path / "m.npz")
+    assert p.returncode == 0, p.stderr
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["method"] == "random" and side["target_density"] == pytest.approx(0.1)
+    with np.load(tmp_path / "m.npz") as npz:  # keyed by ONNX initializer name, readable with numpy alone
+        names = {t.name for t in onnx.load(str(exported)).graph.initializer}
+        assert set(npz.files) <= names and npz[npz.files[0]].dtype == bool
+
+    p = fc("apply-masks", exported, tmp_path / "m.npz", "--out", tmp_path / "sparse.onnx", "--storage", "sparse")
+    assert p.returncode == 0, p.stderr
+    p = fc("inspect", tmp_path / "sparse.onnx", "--json", "--no-import")
+    info = json.loads(p.stdout)
+    assert info["sparsity"] == pytest.approx(0.9, abs=1e-3) and info["sparse_initializers"] > 0
+    assert info["metadata"]["force_compress.method"] == "random"
+
+
+def test_errors_exit_2_with_one_line(tmp_path):
+    (tmp_path / "junk.onnx").write_text("not a model")
+    p = fc("inspect", tmp_path / "junk.onnx")
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
+    p = fc("export-model", "no_such_net", "--out", tmp_path / "x.onnx")
+    assert p.returncode == 2 and "unknown torchvision architecture" in p.stderr
+
+
+def test_data_dependent_method_without_data_is_a_clear_error(exported):
+    p = fc("masks", exported, "--method", "force", "--sparsity", 0.9)
+    assert p.returncode == 2 and "--data" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_masks_with_data_uses_the_data_pipeline(exported, tmp_path):
+    p = fc("masks", exported, "--method", "snip", "--sparsity", 0.9, "--data", "digits", "--batch-size", 16,
+           "--out", tmp_path / "snip.npz")
+    assert p.returncode == 0, p.stderr
+    side = json.loads((tmp_path / "snip.json").read_text())
+    assert side["method"] == "snip" and side["density"] == pytest.approx(0.1, abs=1e-3)
+
+

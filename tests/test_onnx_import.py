@@ -1,0 +1,223 @@
+"""Import: clear errors for broken files, the IR-version fact, the normalisation passes, converters for
+newer opsets, and the ParamMap (transforms, ties, trainable BatchNorm, determinism)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from onnx_corpus import IR_VERSION, build
+
+from pipeline.errors import InvalidModelError, UnsupportedOperatorError
+from stages.import_onnx import import_onnx, load_module
+from stages.onnx_convert import runtime
+from stages.onnx_convert.to_torch import to_torch
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx_import_corpus")
+
+
+def _model(nodes, inits, in_shape, out_shape, opset=17, ir_version=IR_VERSION, out_type=onnx.TensorProto.FLOAT):
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, in_shape)],
+                          [oh.make_tensor_value_info("y", out_type, out_shape)],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
+    if ir_version is not None:
+        model.ir_version = ir_version
+    return model
+
+
+def _save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+# --- broken files: one clear error, nothing written ---------------------------------------------------
+def test_broken_files_give_invalid_model_error_and_write_nothing(tmp_path, corpus_dir):
+    good = build("mlp_matmul_add", corpus_dir).read_bytes()
+    cases = {
+        "missing.onnx": None,
+        "empty.onnx": b"",
+        "truncated.onnx": good[: len(good) // 2],
+        "text.onnx": b"this is not a model\n",
+    }
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(InvalidModelError):
+            import_onnx(tmp_path / name, out)
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_checker_failure_is_invalid_model_error(tmp_path):
+    bad = _model([oh.make_node("Relu", ["undefined"], ["y"])], {}, ["N", 4], ["N", 4])
+    with pytest.raises(InvalidModelError, match="onnx.checker"):
+        import_onnx(_save(bad, tmp_path / "bad.onnx"), tmp_path / "out")
+    assert not (tmp_path / "out" / "normalized.onnx").exists()
+
+
+def test_ir_version_fact_onnx_writes_newer_than_onnxruntime_reads(tmp_path):
+    """onnx 1.23 writes IR 14 by default and onnxruntime 1.31 reads at most 13: models built with
+    onnx.helper must set ir_version; import says so clearly instead of failing deep inside."""
+    w = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    default = _model([oh.make_node("MatMul", ["x", "w"], ["y"])], {"w": w}, ["N", 4], ["N", 3], ir_version=None)
+    assert default.ir_version > 13
+    with pytest.raises(Exception, match="IR version"):
+        ort.InferenceSession(default.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(InvalidModelError, match="IR version"):
+        import_onnx(_save(default, tmp_path / "ir14.onnx"), tmp_path / "out")
+    default.ir_version = IR_VERSION
+    ort.InferenceSession(default.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert import_onnx(_save(default, tmp_path / "ir10.onnx"), tmp_path / "out").ir_version == IR_VERSION
+
+
+def test_unsupported_operator_names_op_domain_version_and_node(tmp_path):
+    m = _model([oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Hardmax", ["h"], ["y"], name="hm", axis=1)],
+               {"w": np.ones((4, 3), np.float32)}, ["N", 4], ["N", 3], opset=13)
+    with pytest.raises(UnsupportedOperatorError, match=r"Hardmax v13 in domain '' at node 'hm'"):
+        import_onnx(_save(m, tmp_path / "hm.onnx"), tmp_path / "out")
+
+
+# --- newer opsets: converters registered for versions onnx2torch lacks ---------------------------------
+def _i64(*v):
+    return np.asarray(v, dtype=np.int64)
+
+
+OPSET_CASES = {
+    "ReduceMean-18": ([oh.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)], {"axes": _i64(2, 3)}, ["N", 4]),
+    "ReduceMax-20": ([oh.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=1)], {"axes": _i64(1)},
+                     ["N", 1, 6, 6]),
+    "Identity-21": ([oh.make_node("Identity", ["x"], ["y"])], {}, ["N", 4, 6, 6]),
+    "Reshape-21": ([oh.make_node("Reshape", ["x", "s"], ["y"])], {"s": _i64(0, -1)}, ["N", 144]),
+    "Flatten-21": ([oh.make_node("Flatten", ["x"], ["y"], axis=1)], {}, ["N", 144]),
+    "Transpose-21": ([oh.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1])], {}, ["N", 6, 6, 4]),
+    "Unsqueeze-21": ([oh.make_node("Unsqueeze", ["x", "a"], ["y"])], {"a": _i64(1)}, ["N", 1, 4, 6, 6]),
+    "Shape+Cast-21": ([oh.make_node("Shape", ["x"], ["s"]), oh.make_node("Cast", ["s"], ["c"], to=1),
+                       oh.make_node("Mul", ["x", "c0"], ["m"]), oh.make_node("ReduceSum", ["c", "k"], ["r"]),
+                       oh.make_node("Add", ["m", "r"], ["y"])],
+                      {"c0": np.float32(2.0), "k": _i64(0)}, ["N", 4, 6, 6]),
+    "Pad-21": ([oh.make_node("Pad", ["x", "p"], ["y"], mode="constant")], {"p": _i64(0, 0, 1, 1, 0, 0, 1, 1)},
+               ["N", 4, 8, 8]),
+    "Split-18": ([oh.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),
+                  oh.make_node("Sub", ["a", "b"], ["y"])], {}, ["N", 2, 6, 6]),
+    "Gelu-20": ([oh.make_node("Gelu", ["x"], ["y"])], {}, ["N", 4, 6, 6]),
+    "CastLike-21": ([oh.make_node("CastLike", ["x", "like"], ["y"])], {"like": np.zeros(1, np.float32)},
+                    ["N", 4, 6, 6]),
+    "Resize-19": ([oh.make_node("Resize", ["x", "", "sc"], ["y"], mode="nearest", nearest_mode="floor",
+                                coordinate_transformation_mode="asymmetric")],
+                  {"sc": np.asarray([1, 1, 2, 2], np.float32)}, ["N", 4, 12, 12]),
+    "AveragePool-19": ([oh.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])], {},
+                       ["N", 4, 3, 3]),
+}
+
+
+@pytest.mark.parametrize("case", list(OPSET_CASES))
+def test_operator_versions_newer_than_onnx2torch_convert_and_match_onnxruntime(case):
+    nodes, inits, out_shape = OPSET_CASES[case]
+    opset = int(case.rsplit("-", 1)[1])
+    model = _model(nodes, inits, ["N", 4, 6, 6], out_shape, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    module, _ = to_torch(model)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    y_ort = runtime.run(runtime.session(model.SerializeToString()), x.numpy())
+    with torch.no_grad():
+        y = module.eval()(x)
+    np.testing.assert_allclose(y.numpy(), y_ort, rtol=1e-5, atol=1e-5)
+
+
+# --- normalisation and the ParamMap -------------------------------------------------------------------
+def test_gemm_transforms_are_recorded_and_undone(tmp_path, corpus_dir):
+    r = import_onnx(build("mlp_gemm_transb0_alpha", corpus_dir), tmp_path)
+    module, pm = load_module(r.normalized_path)
+    model = onnx.load(str(r.normalized_path))
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    name = pm.to_param("w1")
+    entry = pm.entries[name]
+    assert entry.transpose and entry.scale == 0.5 and entry.prunable
+    torch_w = module.get_parameter(name).detach()
+    assert torch_w.shape == (32, 16)  # nn.Linear layout
+    np.testing.assert_allclose(pm.tensor_to_onnx(name, torch_w), w1, rtol=1e-6)
+    np.testing.assert_allclose(pm.tensor_from_onnx(name, w1).numpy(), torch_w.numpy(), rtol=1e-6)
+    mask = np.random.default_rng(0).random(w1.shape) > 0.5
+    back_name, torch_mask = pm.mask_from_onnx("w1", mask)
+    assert back_name == name and torch_mask.shape == torch_w.shape
+    np.testing.assert_array_equal(pm.mask_to_onnx(name, torch_mask), mask)
+
+
+def test_matmul_weights_become_trainable_prunable_parameters(tmp_path, corpus_dir):
+    r = import_onnx(build("mlp_matmul_add", corpus_dir), tmp_path)
+    module, pm = load_module(r.normalized_path)
+    assert sorted(pm.prunable_initializers) == ["w1", "w2"]
+    params = dict(module.named_parameters())
+    assert all(params[n].requires_grad for n in pm.prunable)
+    assert {pm.to_initializer(n) for n in params} == {"w1", "b1", "w2", "b2"}  # MatMul+Add biases train too
+    module(torch.randn(3, 16)).sum().backward()
+    assert all(params[n].grad is not None for n in pm.prunable)
+
+
+def test_tied_weight_stays_one_parameter_one_mask_one_initializer(tmp_path, corpus_dir):
+    r = import_onnx(build("tied_matmul", corpus_dir), tmp_path)
+    module, pm = load_module(r.normalized_path)
+    assert pm.prunable_initializers.count("w") == 1
+    model = onnx.load(str(r.normalized_path))
+    assert [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:2] == ["w", "w"]
+    assert any("tied" in c and "w" in c for c in r.changes)
+
+
+def test_shared_bias_is_unshared(tmp_path, corpus_dir):
+    r = import_onnx(build("shared_bias_gemm", corpus_dir), tmp_path)
+    model = onnx.load(str(r.normalized_path))
+    biases = [n.input[2] for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(set(biases)) == 2 and any("un-shared" in c for c in r.changes)
+    _, pm = load_module(r.normalized_path)
+    assert pm.to_param(biases[0]) != pm.to_param(biases[1])
+
+
+def test_batchnorm_trains_and_updates_running_statistics(tmp_path, corpus_dir):
+    r = import_onnx(build("depthwise_ts13", corpus_dir), tmp_path)
+    module, pm = load_module(r.normalized_path)
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(b.weight, torch.nn.Parameter) and b.weight.requires_grad for b in bns)
+    assert module.training  # convert() returns train mode; so do we
+    before = bns[0].running_mean.clone()
+    module(torch.randn(4, *r.input_shape))
+    assert not torch.equal(before, bns[0].running_mean)
+    names = {pm.to_initializer(n) for n, b in module.named_buffers() if n in pm.entries}
+    assert len(names) == 2 * len(bns)  # each BN owns its running statistics
+
+
+def test_load_module_is_deterministic_and_leaves_the_rng_alone(tmp_path, corpus_dir):
+    r = import_onnx(build("depthwise_ts13", corpus_dir), tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a, pm_a = load_module(r.normalized_path)
+    assert torch.equal(torch.rand(1), expected)
+    b, pm_b = load_module(r.normalized_path)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert pm_a.entries == pm_b.entries and pm_a.prunable == pm_b.prunable
+
+
+def test_constant_weights_and_fixed_batch_are_normalised(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 10)).astype(np.float32)
+    nodes = [oh.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+             oh.make_node("ConstantOfShape", ["shape"], ["b"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+             oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Add", ["h", "b"], ["z"]),
+             oh.make_node("Reshape", ["z", "target"], ["y"])]
+    m = _model(nodes, {"shape": _i64(10), "target": _i64(1, 10)}, [1, 16], [1, 10])
+    r = import_onnx(_save(m, tmp_path / "const.onnx"), tmp_path / "out")
+    assert any("folded 2" in c for c in r.changes) and any("Reshape" in c for c in r.changes)
+    model = onnx.load(str(r.normalized_path))
+    assert {"w", "b"} <= {t.name for t in model.graph.initializer}
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    _, pm = load_module(r.normalized_path)
+    assert pm.prunable_initializers == ["w"]
