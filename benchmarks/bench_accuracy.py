@@ -112,11 +112,12 @@ class ResNet20Narrow(nn.Module):
 
 
 NETS = {"vgg19": VGG19Narrow, "resnet20": ResNet20Narrow}
+WIDTH = int(os.environ.get("BENCH_WIDTH", "16"))  # channels of the first stage (VGG19: 64, ResNet20: 16 at full size)
 
 
-def build(net: str, seed: int) -> nn.Module:
+def build(net: str, seed: int, width: int = WIDTH) -> nn.Module:
     torch.manual_seed(seed)
-    return _kaiming_(NETS[net]())
+    return _kaiming_(NETS[net](width=width))
 
 
 def export(net: str, seed: int, path: Path) -> Path:
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
     jobs = []
     for net in nets:
         for seed in seeds:
-            base = WORK / f"{net}-s{seed}"
+            base = WORK / f"{net}-w{WIDTH}-s{seed}"
             onnx_path = base / "init.onnx"
             if not (base / "normalized.onnx").exists():
                 export(net, seed, onnx_path)

@@ -151,6 +151,7 @@ class PruningContext:
         self.mask_views = [v.view_as(t) for v, t in zip(self.mask.split(sizes), self.theta0, strict=True)]
         self._sample = sample_indices(self.numel, self.device, seed)
         self._weights: list[torch.Tensor] | None = None
+        self._stale = False
         # Buffers (BatchNorm running stats) are cloned once: training-mode forwards update the clones.
         self.buffers = {n: b.clone() for n, b in model.named_buffers()}
         self.losses: list[float] = []
@@ -164,11 +165,16 @@ class PruningContext:
     # ---- masked weights and forward passes
     @property
     def masked_weights(self) -> list[torch.Tensor]:
-        """Leaves θ0⊙m (requires_grad), one per prunable parameter, refreshed by `keep_top`."""
+        """Leaves θ0⊙m (requires_grad), one per prunable parameter, for the current mask.
+
+        Refreshed lazily after `keep_top` (no work after the last step); a refresh uses the
+        `scores` buffer for the 0/1 float mask, so read the masked weights before writing scores.
+        """
         if self._weights is None:
             self._weights = [t.clone().requires_grad_(True) for t in self.theta0]
-            if not bool(self.mask.all()):
-                self._refresh_weights()
+            self._stale = not bool(self.mask.all())
+        if self._stale:
+            self._refresh_weights()
         return self._weights
 
     @torch.no_grad()
@@ -176,6 +182,7 @@ class PruningContext:
         self.scores.copy_(self.mask)  # float 0/1 mask: multiplying by it is cheaper than by a bool mask
         for w, t, m in zip(self._weights, self.theta0, self.score_views, strict=True):
             torch.mul(t, m, out=w)
+        self._stale = False
 
     def loss(self, weights: Sequence[torch.Tensor], batch) -> torch.Tensor:
         """Training loss of the network whose prunable weights are `weights` (model's other params)."""
@@ -217,12 +224,11 @@ class PruningContext:
     # ---- selection
     @torch.no_grad()
     def keep_top(self, k: int) -> torch.Tensor:
-        """mask ← exactly the k highest scores (ties: lowest flat index), then refresh θ0⊙m."""
+        """mask ← exactly the k highest scores (ties: lowest flat index); θ0⊙m follows on next use."""
         if self.min_per_layer:
             self._reserve_per_layer()
         keep_top_k_(self.scores, k, self.mask, self._sample)
-        if self._weights is not None:
-            self._refresh_weights()
+        self._stale = True
         return self.mask
 
     def _reserve_per_layer(self) -> None:
@@ -239,9 +245,6 @@ class PruningContext:
             if self.losses:
                 info.setdefault("loss", self.losses[-1])
             self.progress(step, total, info)
-
-    def set_train_mode(self, train: bool) -> None:
-        self.model.train(train)
 
 
 def compute_masks(

@@ -17,6 +17,7 @@ import torch
 
 import force_core
 from pipeline.artifacts import atomic_path, sha256_file, write_json_atomic
+from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
 from stages.import_onnx import ParamMap, load_module
 
@@ -41,8 +42,9 @@ class MaskResult:
 def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.PathLike, *, method: str,
                         density: float, steps: int | None = None, schedule: str = "exp",
                         batches: Iterable | None = None, batches_per_step: int = 1, seed: int = 0,
-                        progress: Callable | None = None, device: str | torch.device = "cpu") -> MaskResult:
-    """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers)."""
+                        progress: Callable | None = None, device: str = "auto") -> MaskResult:
+    """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
+    `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices)."""
     import time
 
     if method not in force_core.available_methods():
@@ -56,6 +58,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
             raise BadInputError(f"method {method!r} scores weights on data: give --data "
                                 f"(data-free methods: {', '.join(sorted(DATA_FREE_METHODS))})")
         batches = [_dummy_batch(normalized_path)]
+    device = resolve_device(str(device))
     module, param_map = load_module(normalized_path)
     module.to(device)
     started = time.perf_counter()

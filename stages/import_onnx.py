@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import atomic_path, sha256_file
-from pipeline.errors import BadInputError, ParityError
+from pipeline.errors import BadInputError, ParityError, UnsupportedOperatorError
 from stages.onnx_convert import runtime
 from stages.onnx_convert.model_io import load_checked
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
@@ -57,10 +57,11 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
     source_sha = sha256_file(model_path)
     source = copy.deepcopy(model)
     changes = tuple(normalize(model))
-    try:
-        onnx.checker.check_model(model) if model.ByteSize() < _EXTERNAL_DATA_BYTES else None
-    except onnx.checker.ValidationError as e:  # internal: a pass broke the graph
-        raise AssertionError(f"normalised model fails the checker: {e}") from e
+    if model.ByteSize() < _EXTERNAL_DATA_BYTES:
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:  # internal: a pass broke the graph
+            raise AssertionError(f"normalised model fails the checker: {e}") from e
 
     inp, input_shape = _input_signature(model, image_size)
     module, param_map = to_torch(model)
@@ -68,7 +69,14 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
     out = Path(out_dir) / NORMALIZED_NAME
     with atomic_path(out) as tmp:
         _save(model, tmp, out.name)
-        max_abs, max_rel, logits = parity(module, tmp, input_shape, tol=parity_tol, source=source)
+        try:
+            max_abs, max_rel, logits = parity(module, tmp, input_shape, tol=parity_tol, source=source)
+        except UnsupportedOperatorError as e:
+            if not any(c.startswith("made the batch dimension") for c in changes):
+                raise
+            raise UnsupportedOperatorError(
+                f"{model_path.name} was exported with a fixed batch size that the graph hard-codes beyond Reshape "
+                f"targets; export it with a dynamic batch dimension ({e})") from None
         num_classes = int(logits.shape[-1])
     n_weights = sum(int(np.prod(param_map.entries[n].onnx_shape)) for n in param_map.prunable)
     return ImportResult(

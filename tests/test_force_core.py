@@ -277,23 +277,49 @@ def test_synflow_is_data_free():
 # ---------------------------------------------------------------- the paper's phenomenon
 
 
-def vgg_like(depth: int, width: int, cin: int = 1, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    layers, c = [], cin
-    for i in range(depth):
-        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-        c = width
-        if i in (depth // 3, 2 * depth // 3):
+VGG_CFG = [8, "M", 16, "M", 32, 32, "M", 64, 64, 64, 64]  # VGG-11's shape at 1/8 of its width
+
+
+def vgg_like(cfg=VGG_CFG) -> nn.Module:
+    """Deep, narrow VGG-style network (conv-BN-ReLU, no bias), Kaiming-normal init as in the paper."""
+    layers, c = [], 1
+    for v in cfg:
+        if v == "M":
             layers.append(nn.MaxPool2d(2))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
-    m = nn.Sequential(*layers)
+            continue
+        layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
+        c = v
+    m = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
     for mod in m.modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
     return m
 
 
-# (test_snip_disconnects_deep_vgg_at_99_5_percent is added below once its configuration is fixed)
+def digits_batch(n: int = 128, hw: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images (sklearn's bundled 8x8 digits, upsampled): saliency needs a real task."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8)
+    x = F.interpolate((x - x.mean()) / x.std(), size=(hw, hw), mode="bilinear", align_corners=False)
+    idx = torch.randperm(len(x))[:n]
+    return x[idx], torch.tensor(d.target)[idx]
+
+
+def test_snip_disconnects_deep_vgg_at_99_5_percent():
+    # The paper's phenomenon (de Jorge et al. 2021, Fig. 2-3): at 99.5% sparsity one-shot SNIP
+    # empties whole layers, while the progressive FORCE and Iterative SNIP keep every layer.
+    torch.manual_seed(1)
+    model, b = vgg_like(), [digits_batch()]
+    snip = compute_masks(model, b, method="snip", density=0.005)
+    force = compute_masks(model, b, method="force", density=0.005, steps=20)
+    iter_snip = compute_masks(model, b, method="iter_snip", density=0.005, steps=20)
+    assert snip.disconnected, snip.kept()
+    assert force.disconnected == [], force.kept()
+    assert iter_snip.disconnected == [], iter_snip.kept()
+    guarded = compute_masks(model, b, method="snip", density=0.005, min_per_layer=8)  # the opt-in guard
+    assert guarded.disconnected == [] and guarded.total_kept() == snip.total_kept()
 
 
 # ---------------------------------------------------------------- selection

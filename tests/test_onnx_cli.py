@@ -19,7 +19,7 @@ def fc(*args, cwd=None):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx_cli")
-    p = fc("export-model", "mobilenet_v3_small", "--out", d / "m.onnx", "--num-classes", 5, "--input-size", 32, 32)
+    p = fc("export-model", "mobilenet_v3_small", "--out", d / "m.onnx", "--num-classes", 10, "--input-size", 32, 32)
     assert p.returncode == 0, p.stderr
     return d / "m.onnx"
 
@@ -28,7 +28,7 @@ def test_export_model_writes_a_torchvision_model_with_batchnorm_and_a_dynamic_ba
     model = onnx.load(str(exported))
     assert any(n.op_type == "BatchNormalization" for n in model.graph.node)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [5]
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [10]
     meta = {p.key: p.value for p in model.metadata_props}
     assert "torchscript" in meta["force_compress.exporter"] and "opset 18" in meta["force_compress.exporter"]
 
@@ -56,17 +56,25 @@ def test_inspect_masks_apply_masks_inspect(exported, tmp_path):
     assert info["metadata"]["force_compress.method"] == "random"
 
 
-def test_errors_exit_2_with_one_line(tmp_path):
+def test_bad_model_exits_2_with_one_line(tmp_path):
     (tmp_path / "junk.onnx").write_text("not a model")
     p = fc("inspect", tmp_path / "junk.onnx")
     assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
-    p = fc("export-model", "no_such_net", "--out", tmp_path / "x.onnx")
-    assert p.returncode == 2 and "unknown torchvision architecture" in p.stderr
 
 
-def test_data_dependent_method_without_data_is_a_clear_error(exported):
-    p = fc("masks", exported, "--method", "force", "--sparsity", 0.9)
-    assert p.returncode == 2 and "--data" in p.stderr and p.stderr.count("\n") == 1
+@pytest.mark.parametrize("args, message", [
+    (["export-model", "no_such_net", "--out", "x.onnx"], "unknown torchvision architecture"),
+    (["masks", "{model}", "--method", "force", "--sparsity", "0.9"], "--data"),
+    (["masks", "{model}", "--method", "random", "--sparsity", "1.5"], "--sparsity"),
+])
+def test_usage_errors_exit_2_with_one_line(exported, tmp_path, args, message):
+    # in-process (click's runner) to keep the suite fast; the subprocess tests above cover the real entry point
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, [a.format(model=exported) for a in args], catch_exceptions=False)
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_masks_with_data_uses_the_data_pipeline(exported, tmp_path):

@@ -21,7 +21,7 @@ from stages.onnx_convert import runtime
 @pytest.fixture(scope="session")
 def imported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx_export")
-    return import_onnx(build("mobilenet_v3_small_ts17_nofold", d), d / "run")
+    return import_onnx(build("mlp_wide", d), d / "run")
 
 
 def _masks(imported, tmp_path, density):

@@ -221,3 +221,12 @@ def test_constant_weights_and_fixed_batch_are_normalised(tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     _, pm = load_module(r.normalized_path)
     assert pm.prunable_initializers == ["w"]
+
+
+def test_initializers_listed_as_inputs_are_not_real_inputs(tmp_path, corpus_dir):
+    model = onnx.load(str(build("mlp_matmul_add", corpus_dir)))
+    for t in model.graph.initializer:
+        model.graph.input.append(oh.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    r = import_onnx(_save(model, tmp_path / "inputs.onnx"), tmp_path / "out")
+    assert r.input_name == "x" and any("removed 4 initializers from the graph inputs" in c for c in r.changes)
+    assert [i.name for i in onnx.load(str(r.normalized_path)).graph.input] == ["x"]

@@ -120,6 +120,15 @@ def test_checkpoint_of_other_masks_is_not_resumed(tmp_path, splits):
     assert res.resumed_from_epoch == 0
 
 
+def test_dense_run_without_masks_and_zero_epochs(tmp_path, splits):
+    res = train_module(tiny_cnn(), {}, splits, cfg(epochs=1), tmp_path / "dense", progress=False)
+    assert res.completed and res.density == 1.0
+    res0 = train_module(tiny_cnn(), random_masks(tiny_cnn(), 0.1), splits, cfg(epochs=0), tmp_path / "zero",
+                        progress=False)
+    state = _state(res0.state_path)  # the masked network as it is, scored without training
+    assert res0.completed and res0.epochs == 0 and torch.count_nonzero(state["0.weight"]) < state["0.weight"].numel()
+
+
 def test_masks_that_do_not_fit_the_model_are_refused(tmp_path, splits):
     with pytest.raises(BadInputError, match="shape"):
         train_module(tiny_cnn(), {"0.weight": torch.ones(3, 3, dtype=torch.bool)}, splits, cfg(), tmp_path)

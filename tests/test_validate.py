@@ -118,3 +118,18 @@ def test_prunable_weights_are_matmul_gemm_conv_operands_in_subgraphs_too():
 
     assert [(l.name, l.op, l.numel, l.zeros) for l in s.layers] == [("W", "MatMul", 12, 9), ("V", "MatMul", 6, 1)]
     assert (s.params_total, s.params_zeros) == (12 + 6 + 3, 9 + 1 + 3)
+
+
+def test_sparsity_of_a_file_with_sparse_initializers_equals_its_dense_form(pruned_half):
+    from stages.export_onnx import to_sparse_initializers
+
+    dense = onnx.load(pruned_half[1])
+    for t in dense.graph.initializer:  # zero most of the Gemm weight so it is stored sparse
+        if t.name.endswith("weight") and len(t.dims) == 2:
+            a = numpy_helper.to_array(t).copy()
+            a[:, 8:] = 0
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    sparse, chosen = to_sparse_initializers(dense)
+
+    assert chosen and len(sparse.graph.sparse_initializer) == len(chosen)
+    assert file_sparsity(sparse) == file_sparsity(dense)

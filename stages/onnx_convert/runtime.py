@@ -6,16 +6,18 @@ import os
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from pipeline.devices import ort_providers
 from pipeline.errors import InvalidModelError, UnsupportedOperatorError
 
 
-def session(model: str | os.PathLike | bytes, device: str = "cpu") -> ort.InferenceSession:
+def session(model: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """A session on a path or serialised bytes; errors become InvalidModelError (an IR version onnxruntime
+    cannot read) or UnsupportedOperatorError, with onnxruntime's message. `threads` None: its default."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = max(1, min(2, torch.get_num_threads()))
+    if threads:
+        opts.intra_op_num_threads = threads
     try:
         src = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(src, opts, providers=ort_providers(device))

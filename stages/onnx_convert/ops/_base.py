@@ -40,6 +40,8 @@ def reject_attributes(node: OnnxNode, **defaults) -> None:
     has a value the older converter cannot honour."""
     for name, default in defaults.items():
         value = node.attributes.get(name, default)
+        if name == "dilations" and value is not None and all(v == 1 for v in value):
+            continue  # explicit ones are the default
         if value != default:
             raise NotImplementedError(f"attribute {name}={value!r} is not supported (only {default!r})")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import onnx
 from onnx import numpy_helper
 
@@ -31,29 +29,6 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, in
             if name:
                 uses.setdefault(name, []).append((node, i))
     return uses
-
-
-def is_prunable_slot(graph_inits: dict[str, onnx.TensorProto], node: onnx.NodeProto, index: int) -> bool:
-    if (node.op_type, index) not in PRUNABLE_SLOTS:
-        return False
-    if node.op_type in ("Gemm", "MatMul") and index == 0:
-        # the left operand is a weight only when it is the constant one
-        return node.input[0] in graph_inits and node.input[1] not in graph_inits
-    name = node.input[index]
-    t = graph_inits.get(name)
-    return t is not None and t.data_type in FLOAT_TYPES and len(t.dims) >= 2
-
-
-def unique_name(taken: set[str], base: str) -> str:
-    if base not in taken:
-        taken.add(base)
-        return base
-    for k in itertools.count(1):
-        candidate = f"{base}__{k}"
-        if candidate not in taken:
-            taken.add(candidate)
-            return candidate
-    raise AssertionError("unreachable")
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
