@@ -36,7 +36,7 @@ SEEDS = (0, 1, 2)
 # One fixed training budget for every cell (FORCE.md's recipe, scaled down): SGD lr 0.1, momentum 0.9,
 # weight decay 5e-4, cosine; batch 128; masks from 20 exponential steps (force, iter_snip) of one batch each.
 IMAGE = 16
-EPOCHS = 20
+EPOCHS = 30
 BATCH = 128
 MASK_STEPS = 20
 MASK_BATCH = 128
@@ -56,8 +56,9 @@ def _kaiming_(net: nn.Module) -> nn.Module:
 
 
 class VGG19Narrow(nn.Module):
-    """VGG19 (16 conv layers with BatchNorm, as in the GraSP/FORCE CIFAR code) at width/8 for 16×16 inputs:
-    four max-pools take 16×16 to 1×1, then one linear classifier."""
+    """VGG19 (16 conv layers with BatchNorm, as in the GraSP/FORCE CIFAR code) narrowed to `width` channels in the
+    first stage (64 at full size; 16 → 1.25M prunable weights) for 16×16 inputs: four max-pools take 16×16 to
+    1×1, global average pooling, one linear classifier."""
 
     CFG = (1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8)
 
@@ -94,7 +95,8 @@ class _Block(nn.Module):
 
 
 class ResNet20Narrow(nn.Module):
-    """CIFAR ResNet20 (3 stages × 3 basic blocks) at half width: 8, 16, 32 channels."""
+    """CIFAR ResNet20 (3 stages × 3 basic blocks, 1×1 projection shortcuts) with `width`, 2·width, 4·width
+    channels (16 is the original: 270k prunable weights)."""
 
     def __init__(self, width: int = 8, in_ch: int = 3, num_classes: int = 10, blocks: int = 3):
         super().__init__()
@@ -214,7 +216,8 @@ def render(cells: list[dict], nets, sparsities, seeds, elapsed: float, quick: bo
         f"# Accuracy vs sparsity at initialization ({'QUICK' if quick else 'full grid'})",
         "",
         f"Digits (scikit-learn, 1797 images, resized to {IMAGE}×{IMAGE} RGB, 10% held out, stratified, seed 0); "
-        f"networks at Kaiming init exported to ONNX and run through import → masks → sparse-train → export; "
+        f"networks (first-stage width {WIDTH}) at Kaiming init exported to ONNX and run through "
+        f"import → masks → sparse-train → export; "
         f"accuracy = **onnxruntime top-1 of the exported file on the held-out split**. One budget for every cell: "
         f"{EPOCHS} epochs SGD (lr 0.1, momentum 0.9, wd 5e-4, cosine), batch {BATCH}, crop augmentation; masks from "
         f"{MASK_STEPS} exponential steps × 1 batch of {MASK_BATCH} (force, iter_snip), one batch (snip, grasp). "

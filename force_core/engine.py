@@ -191,29 +191,30 @@ class PruningContext:
         tensors.update(self.buffers)
         return self.loss_fn(functional_call(self.model, tensors, (x,)), y)
 
-    def gradients(self, weights: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """∂L/∂w at w = `weights` (default: θ0⊙m), summed over the next `batches_per_step` batches."""
-        ws = self.masked_weights if weights is None else list(weights)
-        total = None
+    def gradients(self) -> list[torch.Tensor]:
+        """∂L/∂(θ0⊙m), summed over the next `batches_per_step` batches, returned as views of `scores`.
+
+        Backward accumulates each layer's gradient in place into the flat `scores` buffer (the
+        weights' `.grad` are its views), so the full set of gradients never exists twice.
+        """
+        ws = self.masked_weights
+        with torch.no_grad():
+            self.scores.zero_()
+        for w, g in zip(ws, self.score_views, strict=True):
+            w.grad = g
         for batch in self.batches.take(self.batches_per_step):
             loss = self.loss(ws, batch)
-            grads = torch.autograd.grad(loss, ws, allow_unused=True)
-            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, ws, strict=True)]
+            torch.autograd.backward(loss, inputs=ws)
             if self.progress is not None:
                 self.losses.append(float(loss.detach()))
-            if total is None:
-                total = list(grads)
-            else:
-                torch._foreach_add_(total, grads)
-        return total
+        return self.score_views
 
     def connection_sensitivity(self) -> torch.Tensor:
         """scores ← |θ0 · ∂L/∂(θ0⊙m)| at the current mask, for every weight (FORCE.md, Saliency)."""
         grads = self.gradients()
         with torch.no_grad():
-            for s, t, g in zip(self.score_views, self.theta0, grads, strict=True):
-                torch.mul(t, g, out=s)
-            del grads
+            for g, t in zip(grads, self.theta0, strict=True):
+                g.mul_(t)
             return self.scores.abs_()
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 SAMPLE_SIZE = 1 << 16  # sample for the bracket; about 6/sqrt(SAMPLE_SIZE) = 2.3% of N is resolved exactly
 _SMALL_N = 1 << 17  # below this, a stable sort of everything is cheaper than being clever
-_CHUNK = 1 << 18  # tie scans count per chunk and run `nonzero` on one chunk only
+_CHUNK = 1 << 20  # tie scans count per chunk (few launches) and run `nonzero` on one chunk only
 
 
 def sample_indices(n: int, device: torch.device | str, seed: int = 0) -> torch.Tensor | None:

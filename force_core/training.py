@@ -57,8 +57,9 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero the pruned weights in place (one fused call)."""
-        torch._foreach_mul_([p.data for p in self.params], self.masks)
+        """Zero the pruned weights in place (one fused call; nothing to do for an empty mask set)."""
+        if self.params:
+            torch._foreach_mul_([p.data for p in self.params], self.masks)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:

@@ -325,12 +325,12 @@ def test_snip_disconnects_deep_vgg_at_99_5_percent():
 # ---------------------------------------------------------------- selection
 
 
-@pytest.mark.parametrize("kind", ["distinct", "zeros", "few_values", "dead"])
+@pytest.mark.parametrize("kind", ["distinct", "zeros", "few_values", "dead", "zeros_over_chunks"])
 def test_exact_selection_matches_stable_sort_on_large_inputs(kind):
-    g = torch.Generator().manual_seed(hash(kind) % 1000)
-    n = 300_000
+    g = torch.Generator().manual_seed(len(kind))
+    n = 2_500_000 if kind == "zeros_over_chunks" else 300_000  # ties spanning several scan chunks
     s = torch.rand(n, generator=g)
-    if kind == "zeros":
+    if kind.startswith("zeros"):
         s[torch.rand(n, generator=g) < 0.6] = 0
     elif kind == "few_values":
         s = torch.randint(0, 4, (n,), generator=g).float()
@@ -338,10 +338,12 @@ def test_exact_selection_matches_stable_sort_on_large_inputs(kind):
         s[torch.rand(n, generator=g) < 0.3] = -math.inf
     sample = sample_indices(n, "cpu")
     out = torch.empty(n, dtype=torch.bool)
-    for k in [1, 9, 3000, 90_000, 150_000, 180_000, 240_000, n - 1]:
+    order = torch.sort(s, descending=True, stable=True).indices
+    ks = [n // 2, int(0.7 * n)] if kind == "zeros_over_chunks" else [1, 9, 3000, 90_000, 150_000, 240_000, n - 1]
+    for k in ks:
         keep_top_k_(s, k, out, sample)
         ref = torch.zeros(n, dtype=torch.bool)
-        ref[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+        ref[order[:k]] = True
         assert torch.equal(out, ref), (kind, k)
 
 
