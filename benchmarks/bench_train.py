@@ -149,8 +149,8 @@ def render(entries: dict) -> str:
                          f"| **{s['ratio']:.3f}** | {s['ratio_of_medians']:.3f} | {s['ratio_of_minima']:.3f} "
                          f"| {s['hold_ms']:.3f} ({s['hold_fraction']:.2%}) "
                          f"| {s['dense_img_s']:.0f} | {s['masked_img_s']:.0f} |")
-    lines += ["", "Throughput of the whole training loop (`train_module`: in-memory data, crop augmentation, masks, "
-              "per-epoch evaluation excluded, checkpoint per epoch):", "",
+    lines += ["", "Throughput of the whole training loop (`train_module`: in-memory data, crop augmentation, mask "
+              "hold; the per-epoch evaluation and checkpoint are not counted):", "",
               "| host | device | run | images/s (train) | val acc |", "|---|---|---|---|---|"]
     for key in sorted(entries):
         e = entries[key]

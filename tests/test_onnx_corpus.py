@@ -5,8 +5,6 @@ of the source, less the nodes the import report says it folded). Unsupported mod
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnx_corpus
@@ -58,18 +56,9 @@ def _train_a_little(module: torch.nn.Module, maskset, input_shape, seed: int = 1
     maskset.apply(module)
 
 
-def _slow_selected(config) -> bool:
-    """Slow cases run with `-m slow` (or FORCE_COMPRESS_SLOW=1); the default run skips them even though
-    pytest's addopts do not deselect the marker."""
-    expr = config.getoption("markexpr") or ""
-    return os.environ.get("FORCE_COMPRESS_SLOW") == "1" or ("slow" in expr and "not slow" not in expr)
-
-
 @pytest.mark.parametrize("case_id", list(_params()))
 def test_corpus_round_trip(case_id, corpus_dir, tmp_path, request):
     case = CASES[case_id]
-    if case.slow and not _slow_selected(request.config):
-        pytest.skip("slow corpus case: run with -m slow or FORCE_COMPRESS_SLOW=1")
     path = onnx_corpus.build(case_id, corpus_dir)
     if case.error:
         with pytest.raises(getattr(pipeline.errors, case.error), match=case.match):
