@@ -57,7 +57,7 @@ def _train_a_little(module: torch.nn.Module, maskset, input_shape, seed: int = 1
 
 
 @pytest.mark.parametrize("case_id", list(_params()))
-def test_corpus_round_trip(case_id, corpus_dir, tmp_path, request):
+def test_corpus_round_trip(case_id, corpus_dir, tmp_path):
     case = CASES[case_id]
     path = onnx_corpus.build(case_id, corpus_dir)
     if case.error:
