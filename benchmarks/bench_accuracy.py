@@ -211,9 +211,9 @@ def _fmt_pct(s: float) -> str:
     return f"{100 * s:g}%"
 
 
-def render(cells: list[dict], nets, sparsities, seeds, elapsed: float, quick: bool) -> str:
+def render(cells: list[dict], nets, sparsities, seeds, elapsed: float, title: str) -> str:
     lines = [
-        f"# Accuracy vs sparsity at initialization ({'QUICK' if quick else 'full grid'})",
+        f"# Accuracy vs sparsity at initialization ({title})",
         "",
         f"Digits (scikit-learn, 1797 images, resized to {IMAGE}×{IMAGE} RGB, 10% held out, stratified, seed 0); "
         f"networks (first-stage width {WIDTH}) at Kaiming init exported to ONNX and run through "
@@ -300,14 +300,16 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each)")
     ap.add_argument("--nets", nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--seeds", nargs="*", type=int, default=None)
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
     args = ap.parse_args(argv)
 
     nets = args.nets or (["vgg19"] if args.quick else list(NETS))
     sparsities = (0.99, 0.995) if args.quick else SPARSITIES
-    seeds = (0,) if args.quick else SEEDS
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else SEEDS)
     methods = args.methods or list(METHODS)
-    tag = "_quick" if args.quick else ""
+    partial = not args.quick and (args.nets or args.seeds or args.methods)
+    tag = "_quick" if args.quick else ("_partial" if partial else "")
     t0 = time.perf_counter()
 
     from stages.import_onnx import import_onnx
@@ -345,7 +347,8 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     ok = [c for c in cells if "error" not in c]
     (RESULTS / f"bench_accuracy{tag}.json").write_text(json.dumps(cells, indent=1))
-    (RESULTS / f"bench_accuracy{tag}.md").write_text(render(ok, nets, sparsities, seeds, elapsed, args.quick))
+    title = "QUICK" if args.quick else ("partial grid" if partial else "full grid")
+    (RESULTS / f"bench_accuracy{tag}.md").write_text(render(ok, nets, sparsities, seeds, elapsed, title))
     plot(ok, nets, sparsities, RESULTS / f"bench_accuracy{tag}.png")
     print((RESULTS / f"bench_accuracy{tag}.md").read_text())
     errors = [c for c in cells if "error" in c]

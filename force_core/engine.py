@@ -22,7 +22,7 @@ from torch.func import functional_call
 from force_core.maskset import MaskSet
 from force_core.params import Selector, prunable_parameters
 from force_core.registry import get_method
-from force_core.select import keep_top_k_, sample_indices
+from force_core.select import keep_top_k_, sample_indices, tie_priority
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 SCHEDULES = ("exp", "linear")
@@ -150,6 +150,7 @@ class PruningContext:
         self.score_views = [v.view_as(t) for v, t in zip(self.scores.split(sizes), self.theta0, strict=True)]
         self.mask_views = [v.view_as(t) for v, t in zip(self.mask.split(sizes), self.theta0, strict=True)]
         self._sample = sample_indices(self.numel, self.device, seed)
+        self._priority: torch.Tensor | None = None  # fixed tie priority (select.py), drawn at the first selection
         self._weights: list[torch.Tensor] | None = None
         self._stale = False
         # Buffers (BatchNorm running stats) are cloned once: training-mode forwards update the clones.
@@ -225,10 +226,13 @@ class PruningContext:
     # ---- selection
     @torch.no_grad()
     def keep_top(self, k: int) -> torch.Tensor:
-        """mask ← exactly the k highest scores (ties: lowest flat index); θ0⊙m follows on next use."""
+        """mask ← exactly the k highest scores (ties: the seeded tie priority, see select.py); θ0⊙m
+        follows on next use."""
         if self.min_per_layer:
             self._reserve_per_layer()
-        keep_top_k_(self.scores, k, self.mask, self._sample)
+        if self._priority is None:
+            self._priority = tie_priority(self.numel, self.device, self.seed)
+        keep_top_k_(self.scores, k, self.mask, self._sample, self._priority)
         self._stale = True
         return self.mask
 

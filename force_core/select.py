@@ -1,11 +1,15 @@
 """Exact global top-k of a flat score vector, cheap on large N (FORCE.md, "Facts that decide the speed").
 
 Rule: keep exactly k entries, the k largest scores; among entries equal to the k-th largest score,
-the lowest flat index wins (flat order = the order of the prunable parameters, then row-major).
-That is what a stable descending sort would give, without ever sorting or running `topk` over N:
-the k-th value is bracketed from a fixed random sample of the scores and only the bracket is
-resolved. Every pass over N is a comparison, a `count_nonzero`, or one `nonzero` of a small set.
-Imports torch only.
+the highest tie priority wins, then the lowest flat index (flat order = the order of the prunable
+parameters, then row-major). The priority is one fixed random float per entry, drawn once from the
+seed (`tie_priority`), so equal seeds and inputs give identical masks. Why not the lowest index
+alone: at extreme sparsity all scores can be exactly 0 (a layer emptied cuts every gradient), and
+the lowest index then keeps only the first layers and empties every later one.
+With `priority=None` ties go to the lowest index, what a stable descending sort would give.
+Never a sort or `topk` over N: the k-th value is bracketed from a fixed random sample of the scores
+and only the bracket (and the entries tied at the k-th value) is resolved. Every pass over N is a
+comparison, a `count_nonzero`, or one `nonzero` of a smaller set. Imports torch only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 SAMPLE_SIZE = 1 << 16  # sample for the bracket; about 6/sqrt(SAMPLE_SIZE) = 2.3% of N is resolved exactly
 _SMALL_N = 1 << 17  # below this, a stable sort of everything is cheaper than being clever
 _CHUNK = 1 << 20  # tie scans count per chunk (few launches) and run `nonzero` on one chunk only
+_TIE_SEED_OFFSET = 0x51_7E_B4  # the priority's generator is seeded with seed + this (not the sample's stream)
 
 
 def sample_indices(n: int, device: torch.device | str, seed: int = 0) -> torch.Tensor | None:
@@ -27,8 +32,24 @@ def sample_indices(n: int, device: torch.device | str, seed: int = 0) -> torch.T
     return torch.randint(0, n, (SAMPLE_SIZE,), generator=gen).to(device)
 
 
-def keep_top_k_(scores: torch.Tensor, k: int, out: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
-    """Write into the flat bool `out` the k largest of the flat `scores` (ties: lowest index first)."""
+def tie_priority(n: int, device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """The fixed per-entry tie priority: `torch.rand(n)` from a CPU generator seeded with seed + offset."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + _TIE_SEED_OFFSET)
+    return torch.rand(n, generator=gen).to(device)
+
+
+def keep_top_k_(
+    scores: torch.Tensor,
+    k: int,
+    out: torch.Tensor,
+    sample: torch.Tensor | None = None,
+    priority: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write into the flat bool `out` the k largest of the flat `scores`.
+
+    Ties at the k-th score: highest `priority` first, then lowest index (lowest index alone when
+    `priority` is None).
+    """
     n = scores.numel()
     if not 0 <= k <= n:
         raise ValueError(f"k={k} outside [0, {n}]")
@@ -37,7 +58,11 @@ def keep_top_k_(scores: torch.Tensor, k: int, out: torch.Tensor, sample: torch.T
     if k == 0:
         return out.fill_(False)
     if sample is None or n <= _SMALL_N:
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        if priority is None:
+            order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        else:  # by score, then priority, then index: two stable sorts
+            by_pri = torch.sort(priority, descending=True, stable=True).indices
+            order = by_pri[torch.sort(scores[by_pri], descending=True, stable=True).indices[:k]]
         out.fill_(False)
         return out.index_fill_(0, order, True)
 
@@ -53,7 +78,7 @@ def keep_top_k_(scores: torch.Tensor, k: int, out: torch.Tensor, sample: torch.T
     if t_lo == t_hi:  # the k-th score sits inside a block of equal scores (common: exact zeros)
         torch.gt(scores, t_hi, out=gt)
         n_gt = int(torch.count_nonzero(gt))
-        if n_gt <= k and _fill_ties_(scores, t_hi, k - n_gt, gt):
+        if n_gt <= k and _fill_ties_(scores, t_hi, k - n_gt, gt, priority):
             return out.copy_(gt)
         t_lo, t_hi = -math.inf, math.inf  # the sample misled us (astronomically rare): resolve everything
 
@@ -76,14 +101,14 @@ def keep_top_k_(scores: torch.Tensor, k: int, out: torch.Tensor, sample: torch.T
         eq_hi = scores == t_hi
         n_ge_hi = n_gt + int(torch.count_nonzero(eq_hi))
         if n_ge_hi >= k:  # the k-th largest score is t_hi
-            assert _fill_ties_(scores, t_hi, r, gt)
+            assert _fill_ties_(scores, t_hi, r, gt, priority)
             return out.copy_(gt)
         gt.logical_or_(eq_hi)  # all of t_hi is kept
         n_gt = n_ge_hi
         torch.gt(scores, t_lo, out=out)
         n_gt_lo = int(torch.count_nonzero(out))
         if n_gt_lo < k:  # the k-th largest score is t_lo
-            assert _fill_ties_(scores, t_lo, k - n_gt_lo, out)
+            assert _fill_ties_(scores, t_lo, k - n_gt_lo, out, priority)
             return out
     out.logical_xor_(gt)  # the bracket: >= t_lo (or > t_lo) and not already kept
     idx = out.nonzero().squeeze(1)
@@ -91,15 +116,33 @@ def keep_top_k_(scores: torch.Tensor, k: int, out: torch.Tensor, sample: torch.T
     r = k - n_gt
     tau = torch.kthvalue(vals, vals.numel() - r + 1).values  # r-th largest in the bracket
     above = vals > tau
-    ties = (vals == tau).nonzero().squeeze(1)[: r - int(torch.count_nonzero(above))]  # lowest index first
+    ties = _pick(idx[(vals == tau).nonzero().squeeze(1)], r - int(torch.count_nonzero(above)), priority)
     out.copy_(gt)
     out.index_fill_(0, idx[above], True)
-    return out.index_fill_(0, idx[ties], True)
+    return out.index_fill_(0, ties, True)
 
 
-def _fill_ties_(scores: torch.Tensor, value: float, r: int, out: torch.Tensor) -> bool:
-    """Set in `out` the first r entries (by index) equal to `value`; False when fewer than r exist."""
+def _pick(idx: torch.Tensor, r: int, priority: torch.Tensor | None) -> torch.Tensor:
+    """r of the ascending flat indices `idx`: the highest priority (then lowest index), or the first r."""
+    if priority is None or r >= idx.numel():
+        return idx[:r]
+    sub = torch.empty(idx.numel(), dtype=torch.bool, device=idx.device)
+    keep_top_k_(priority[idx], r, sub, sample_indices(idx.numel(), idx.device))  # equal priorities: lowest index
+    return idx[sub.nonzero().squeeze(1)]
+
+
+def _fill_ties_(
+    scores: torch.Tensor, value: float, r: int, out: torch.Tensor, priority: torch.Tensor | None = None
+) -> bool:
+    """Set in `out` r entries equal to `value` (highest priority, or the first r by index when
+    `priority` is None); False when fewer than r exist."""
     eq = scores == value
+    if priority is not None:  # every tied entry competes: one `nonzero`, then select among them only
+        idx = eq.nonzero().squeeze(1)
+        if idx.numel() < r:
+            return False
+        out.index_fill_(0, _pick(idx, r, priority), True)
+        return True
     chunks = eq.split(_CHUNK)
     counts = torch.stack([torch.count_nonzero(c) for c in chunks]).cumsum(0)
     if int(counts[-1]) < r:

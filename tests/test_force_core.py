@@ -14,7 +14,7 @@ import force_core
 from force_core import MaskEnforcer, MaskSet, compute_masks, density_schedule, kept_count
 from force_core.methods import force as force_method
 from force_core.methods import iter_snip as iter_snip_method
-from force_core.select import keep_top_k_, sample_indices
+from force_core.select import keep_top_k_, sample_indices, tie_priority
 
 METHODS = ["random", "magnitude", "snip", "iter_snip", "force", "grasp", "synflow"]
 
@@ -73,13 +73,21 @@ def recording(method_fn):
 # ---------------------------------------------------------------- plain deep-copy reference
 
 
+def stable_order(scores: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """All indices by score descending, ties by priority descending, then lowest index (full sorts)."""
+    by_pri = torch.sort(priority, descending=True, stable=True).indices
+    return by_pri[torch.sort(scores[by_pri], descending=True, stable=True).indices]
+
+
 def plain_masks(model, x, y, *, density, steps, nested):
     """The published code's way, written plainly: deep-copy the network every step, write each
-    prunable weight as θ0 * c with c the mask, backprop, score |∂L/∂c|, full stable sort."""
+    prunable weight as θ0 * c with c the mask, backprop, score |∂L/∂c|, full stable sort by
+    (score, tie priority, lowest index): the tie rule of select.py, priority drawn from seed 0."""
     layers = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
     theta0 = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
     mask = {n: torch.ones_like(theta0[n], dtype=torch.bool) for n in layers}
     total = sum(t.numel() for t in theta0.values())
+    priority = tie_priority(total, "cpu", seed=0)
     for t in range(1, steps + 1):
         d = density if t == steps else density ** (t / steps)
         k = math.floor(d * total + 0.5)
@@ -96,7 +104,7 @@ def plain_masks(model, x, y, *, density, steps, nested):
         if nested:
             scores[~torch.cat([mask[n].flatten() for n in layers])] = -math.inf
         keep = torch.zeros(total, dtype=torch.bool)
-        keep[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+        keep[stable_order(scores, priority)[:k]] = True
         parts = keep.split([theta0[n].numel() for n in layers])
         mask = {n: v.view_as(theta0[n]) for n, v in zip(layers, parts, strict=True)}
     return {f"{n}.weight": m for n, m in mask.items()}
@@ -325,8 +333,9 @@ def test_snip_disconnects_deep_vgg_at_99_5_percent():
 # ---------------------------------------------------------------- selection
 
 
-@pytest.mark.parametrize("kind", ["distinct", "zeros", "few_values", "dead", "zeros_over_chunks"])
+@pytest.mark.parametrize("kind", ["distinct", "zeros", "few_values", "dead", "zeros_over_chunks", "all_zero"])
 def test_exact_selection_matches_stable_sort_on_large_inputs(kind):
+    # Reference: full stable sorts by (score, tie priority, index); ties at the k-th score spread by the priority.
     g = torch.Generator().manual_seed(len(kind))
     n = 2_500_000 if kind == "zeros_over_chunks" else 300_000  # ties spanning several scan chunks
     s = torch.rand(n, generator=g)
@@ -336,15 +345,41 @@ def test_exact_selection_matches_stable_sort_on_large_inputs(kind):
         s = torch.randint(0, 4, (n,), generator=g).float()
     elif kind == "dead":
         s[torch.rand(n, generator=g) < 0.3] = -math.inf
-    sample = sample_indices(n, "cpu")
+    elif kind == "all_zero":
+        s = torch.zeros(n)
+    sample, priority = sample_indices(n, "cpu"), tie_priority(n, "cpu", seed=3)
+    priority[::7] = 0.5  # equal priorities too: the lowest index decides among those
     out = torch.empty(n, dtype=torch.bool)
-    order = torch.sort(s, descending=True, stable=True).indices
+    order = stable_order(s, priority)
     ks = [n // 2, int(0.7 * n)] if kind == "zeros_over_chunks" else [1, 9, 3000, 90_000, 150_000, 240_000, n - 1]
     for k in ks:
-        keep_top_k_(s, k, out, sample)
+        keep_top_k_(s, k, out, sample, priority)
         ref = torch.zeros(n, dtype=torch.bool)
         ref[order[:k]] = True
         assert torch.equal(out, ref), (kind, k)
+    keep_top_k_(s, 3000, out, sample)  # no priority: lowest index, as one stable sort
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[torch.sort(s, descending=True, stable=True).indices[:3000]] = True
+    assert torch.equal(out, ref), kind
+
+
+def test_ties_spread_over_layers_not_to_the_first():
+    # All scores exactly 0 (a network cut by an emptied layer): the kept weights are a seeded
+    # uniform draw over all layers, identical for the same seed, not the first k by index.
+    model = small_cnn()
+
+    def zero_scores(ctx):
+        ctx.scores.zero_()
+        ctx.keep_top(ctx.k)
+
+    force_core.register_method("test_all_ties", single_shot=True, needs_data=False)(zero_scores)
+    a = compute_masks(model, [batch()], method="test_all_ties", density=0.01, seed=5)
+    b = compute_masks(model, [batch()], method="test_all_ties", density=0.01, seed=5)
+    c = compute_masks(model, [batch()], method="test_all_ties", density=0.01, seed=6)
+    assert a.total_kept() == kept_count(0.01, a.total()) and a.disconnected == []
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+    for n, d in a.layer_density().items():
+        assert 0.003 < d < 0.03, (n, d)
 
 
 def test_min_per_layer_guard_keeps_every_layer_and_exact_k():
