@@ -230,3 +230,21 @@ def test_initializers_listed_as_inputs_are_not_real_inputs(tmp_path, corpus_dir)
     r = import_onnx(_save(model, tmp_path / "inputs.onnx"), tmp_path / "out")
     assert r.input_name == "x" and any("removed 4 initializers from the graph inputs" in c for c in r.changes)
     assert [i.name for i in onnx.load(str(r.normalized_path)).graph.input] == ["x"]
+
+
+def test_batchnorm_scale_merged_with_running_var_is_separated(tmp_path):
+    # The TorchScript exporter de-duplicates equal constants across slots of one node: at
+    # initialization a BatchNorm's scale (ones) and running_var (ones) become one initializer, and
+    # so do its bias and running_mean (zeros). Left merged, scale and bias are buffers and never train.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    src = tmp_path / "bn.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), str(src), dynamo=False, opset_version=18,
+                      do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    bn = next(n for n in onnx.load(str(src)).graph.node if n.op_type == "BatchNormalization")
+    result = import_onnx(src, tmp_path / "out")
+    bn = next(n for n in onnx.load(str(result.normalized_path)).graph.node if n.op_type == "BatchNormalization")
+    assert len(set(bn.input[1:])) == 4, list(bn.input)
+    module, _ = load_module(result.normalized_path)
+    trainable = {n for n, _ in module.named_parameters()}
+    assert sum(n.endswith(("BatchNormalization.weight", "BatchNormalization.bias")) for n in trainable) == 2, trainable

@@ -80,7 +80,10 @@ def run(model: onnx.ModelProto) -> list[str]:
         groups: dict[object, list[tuple[onnx.NodeProto, int, str]]] = {}
         for n, i, used in uses:
             w = weight_of(n)
-            groups.setdefault(("w", w) if w is not None else ("n", id(n)), []).append((n, i, used))
+            # Keyed by input slot too: the exporter also merges equal constants *within* one node
+            # (a BatchNorm scale of ones and its running variance of ones), and those must separate.
+            owner = ("w", w) if w is not None else ("n", id(n))
+            groups.setdefault((owner, i), []).append((n, i, used))
         for members in groups.values():
             used_names = {used for _, _, used in members}
             if len(used_names) == 1 and (name := next(iter(used_names))) != root and name not in claimed:
