@@ -6,7 +6,7 @@ FC := $(BIN)/force-compress
 
 # `make compress` knobs; empty ones fall back to CompressConfig's defaults (pipeline/config.py).
 MODEL ?= models/resnet18.onnx
-SPARSITY ?= 0.9
+SPARSITY ?=
 METHOD ?=
 DATA ?=
 EPOCHS ?=
@@ -48,7 +48,7 @@ bench-accuracy: install
 	$(FC) export-model $(basename $(notdir $@)) --out $@ --num-classes 10 --input-size 32 32
 
 compress: install $(MODEL)
-	$(FC) compress $(MODEL) --sparsity $(SPARSITY) \
+	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(DATA),--data $(DATA)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) \
 		$(if $(REGISTRY),--registry $(REGISTRY))

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.artifacts import sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from pipeline.artifacts import DIR_MODE, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig
 from pipeline.errors import BadInputError, GateFailedError
 
@@ -98,6 +98,7 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    os.chmod(staging, DIR_MODE)
     try:
         for dest, src in files.items():
             shutil.copyfile(src, staging / dest)

@@ -564,18 +564,27 @@ def write_plot(report: ValidationReport, history: list[dict], path: str | Path) 
     ax.set_xlabel("density (kept fraction)")
     ax.set_title(f"per-layer density, global {1 - report.sparsity.sparsity:.4f}")
     if history:
+        # Accuracy on a linear axis, loss on its own log axis: an early validation loss of
+        # hundreds (BatchNorm statistics settling) must not flatten every other curve.
         ax = axes[0][1]
+        loss_ax = ax.twinx()
         epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
         for key in sorted({k for r in history for k, v in r.items() if isinstance(v, int | float)} - {"epoch"}):
             values = [r.get(key) for r in history]
-            if "loss" in key:
-                ax.plot(epochs, values, marker="o", label=key)
-            elif "acc" in key:
-                ax.plot(epochs, values, marker="s", linestyle="--", label=key)
+            if "acc" in key:
+                ax.plot(epochs, values, marker="s", label=key)
+            elif "loss" in key:
+                loss_ax.plot(epochs, values, marker="o", linestyle="--", label=key, alpha=0.7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (squares)")
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylabel("loss (circles, log scale)")
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title("sparse training (loss: circles, accuracy: squares)")
-        ax.legend(fontsize=7)
+        ax.set_title("sparse training")
+        lines = ax.get_legend_handles_labels()
+        more = loss_ax.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -125,3 +125,10 @@ def test_only_one_onnxruntime_distribution_is_installed():
         except PackageNotFoundError:
             pass
     assert len(installed) == 1, installed
+
+
+def test_atomic_files_get_the_usual_umask_mode_not_owner_only(tmp_path):
+    from pipeline.artifacts import FILE_MODE
+
+    path = write_json_atomic(tmp_path / "shared.json", {})
+    assert path.stat().st_mode & 0o777 == FILE_MODE
