@@ -126,16 +126,11 @@ def export(net: str, seed: int, path: Path) -> Path:
     """The network at initialization as an ONNX classifier (N, 3, IMAGE, IMAGE) -> (N, 10)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     model = build(net, seed).eval()
-    # The exporter merges equal-valued initializers when the top module is in eval mode: BatchNorm's scale (ones)
-    # would become one tensor with its running_var, which then trains into NaN after ONNX import. With the top
-    # module flagged as training (submodules stay in eval, so BatchNorm is exported for inference) it merges
-    # only tensors that are really the same.
-    model.training = True
+    # Exported as users' exporters write it (eval mode, equal constants merged); import un-shares them.
     torch.onnx.export(model, torch.zeros(1, 3, IMAGE, IMAGE), str(path), input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
                       opset_version=17, dynamo=False,
-                      # keep BatchNormalization as its own node: EVAL mode would fold it into the convolutions
-                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+                      do_constant_folding=False)  # keeps BatchNormalization nodes (folding merges them into Conv)
     return path
 
 

@@ -109,3 +109,14 @@ def test_cuda_asked_for_without_a_cuda_device_is_an_environment_problem(tiny_at_
     r = CliRunner().invoke(main, ["compress", tiny_at_init, "--device", "cuda"])
     assert r.exit_code == 3 and "no CUDA device" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_in_a_real_subprocess_through_the_default_flow_path(tiny_at_init, tmp_path):
+    # The same promise without --no-prefect and outside click's test runner: what a CI step sees.
+    r = _cli([tiny_at_init, "--sparsity", "1.5"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "sparsity" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = _cli([str(tmp_path / "missing.onnx")], tmp_path)
+    assert r.returncode == 2 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
