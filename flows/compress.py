@@ -119,7 +119,7 @@ force_compress = flow(_compress, name=FLOW_NAME, log_prints=True, persist_result
 
 def serve() -> None:
     """Serve the deployment `force-compress/force-compress` until interrupted. It needs a Prefect API
-    (PREFECT_API_URL, e.g. a local `prefect server start`; see docs/prefect.md). The entrypoint is the
+    (PREFECT_API_URL, e.g. a local `prefect server start`; README, "Running it with Prefect"). The entrypoint is the
     module path, so the deployment runs wherever this package is installed, whatever the directory."""
     from prefect.types.entrypoint import EntrypointType
 

@@ -12,6 +12,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch.func import functional_call
 from force_core.maskset import MaskSet
 from force_core.params import Selector, prunable_parameters
 from force_core.registry import get_method
-from force_core.select import keep_top_k_, sample_indices, tie_priority
+from force_core.select import keep_top_k_, sample_indices, tie_priority_
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 SCHEDULES = ("exp", "linear")
@@ -150,7 +151,6 @@ class PruningContext:
         self.score_views = [v.view_as(t) for v, t in zip(self.scores.split(sizes), self.theta0, strict=True)]
         self.mask_views = [v.view_as(t) for v, t in zip(self.mask.split(sizes), self.theta0, strict=True)]
         self._sample = sample_indices(self.numel, self.device, seed)
-        self._priority: torch.Tensor | None = None  # fixed tie priority (select.py), drawn at the first selection
         self._weights: list[torch.Tensor] | None = None
         self._stale = False
         # Buffers (BatchNorm running stats) are cloned once: training-mode forwards update the clones.
@@ -230,9 +230,9 @@ class PruningContext:
         follows on next use."""
         if self.min_per_layer:
             self._reserve_per_layer()
-        if self._priority is None:
-            self._priority = tie_priority(self.numel, self.device, self.seed)
-        keep_top_k_(self.scores, k, self.mask, self._sample, self._priority)
+        # The tie priority (select.py) is regenerated when a tie needs it, into the scores buffer,
+        # which the selection consumes: no N-sized priority is kept between selections.
+        keep_top_k_(self.scores, k, self.mask, self._sample, partial(tie_priority_, seed=self.seed), work=self.scores)
         self._stale = True
         return self.mask
 

@@ -15,8 +15,13 @@ comparison, a `count_nonzero`, or one `nonzero` of a smaller set. Imports torch 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+# A tie priority: the tensor itself, or a function that writes its first `buf.numel()` values into
+# the float32 `buf` and returns it (see `tie_priority_`: regenerated on demand instead of stored).
+Priority = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 SAMPLE_SIZE = 1 << 16  # sample for the bracket; about 6/sqrt(SAMPLE_SIZE) = 2.3% of N is resolved exactly
 _SMALL_N = 1 << 17  # below this, a stable sort of everything is cheaper than being clever
@@ -38,17 +43,30 @@ def tie_priority(n: int, device: torch.device | str, seed: int = 0) -> torch.Ten
     return torch.rand(n, generator=gen).to(device)
 
 
+def tie_priority_(buf: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Write into the flat float32 `buf` the first `buf.numel()` values of `tie_priority` (the same
+    stream, bit for bit: a prefix of `torch.rand` from the same CPU generator); returns `buf`."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + _TIE_SEED_OFFSET)
+    if buf.device.type == "cpu" and buf.dtype == torch.float32 and buf.is_contiguous():
+        return torch.rand(buf.numel(), generator=gen, out=buf)
+    return buf.copy_(torch.rand(buf.numel(), generator=gen))
+
+
 def keep_top_k_(
     scores: torch.Tensor,
     k: int,
     out: torch.Tensor,
     sample: torch.Tensor | None = None,
-    priority: torch.Tensor | None = None,
+    priority: Priority | None = None,
+    *,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write into the flat bool `out` the k largest of the flat `scores`.
 
     Ties at the k-th score: highest `priority` first, then lowest index (lowest index alone when
-    `priority` is None).
+    `priority` is None). `work`: an optional flat float32 buffer of N entries that the tie
+    resolution may overwrite (it may be `scores` itself when the caller no longer needs them:
+    then `scores` are garbage afterwards); without it a temporary is allocated when needed.
     """
     n = scores.numel()
     if not 0 <= k <= n:
@@ -61,6 +79,8 @@ def keep_top_k_(
         if priority is None:
             order = torch.sort(scores, descending=True, stable=True).indices[:k]
         else:  # by score, then priority, then index: two stable sorts
+            if not isinstance(priority, torch.Tensor):
+                priority = priority(torch.empty(n, dtype=torch.float32, device=scores.device))
             by_pri = torch.sort(priority, descending=True, stable=True).indices
             order = by_pri[torch.sort(scores[by_pri], descending=True, stable=True).indices[:k]]
         out.fill_(False)
@@ -78,7 +98,7 @@ def keep_top_k_(
     if t_lo == t_hi:  # the k-th score sits inside a block of equal scores (common: exact zeros)
         torch.gt(scores, t_hi, out=gt)
         n_gt = int(torch.count_nonzero(gt))
-        if n_gt <= k and _fill_ties_(scores, t_hi, k - n_gt, gt, priority):
+        if n_gt <= k and _fill_ties_(scores, t_hi, k - n_gt, gt, priority, sample, work):
             return out.copy_(gt)
         t_lo, t_hi = -math.inf, math.inf  # the sample misled us (astronomically rare): resolve everything
 
@@ -101,14 +121,14 @@ def keep_top_k_(
         eq_hi = scores == t_hi
         n_ge_hi = n_gt + int(torch.count_nonzero(eq_hi))
         if n_ge_hi >= k:  # the k-th largest score is t_hi
-            assert _fill_ties_(scores, t_hi, r, gt, priority)
+            assert _fill_ties_(scores, t_hi, r, gt, priority, sample, work)
             return out.copy_(gt)
         gt.logical_or_(eq_hi)  # all of t_hi is kept
         n_gt = n_ge_hi
         torch.gt(scores, t_lo, out=out)
         n_gt_lo = int(torch.count_nonzero(out))
         if n_gt_lo < k:  # the k-th largest score is t_lo
-            assert _fill_ties_(scores, t_lo, k - n_gt_lo, out, priority)
+            assert _fill_ties_(scores, t_lo, k - n_gt_lo, out, priority, sample, work)
             return out
     out.logical_xor_(gt)  # the bracket: >= t_lo (or > t_lo) and not already kept
     idx = out.nonzero().squeeze(1)
@@ -116,32 +136,61 @@ def keep_top_k_(
     r = k - n_gt
     tau = torch.kthvalue(vals, vals.numel() - r + 1).values  # r-th largest in the bracket
     above = vals > tau
-    ties = _pick(idx[(vals == tau).nonzero().squeeze(1)], r - int(torch.count_nonzero(above)), priority)
+    ties = _pick(idx[(vals == tau).nonzero().squeeze(1)], r - int(torch.count_nonzero(above)), priority, work)
     out.copy_(gt)
     out.index_fill_(0, idx[above], True)
     return out.index_fill_(0, ties, True)
 
 
-def _pick(idx: torch.Tensor, r: int, priority: torch.Tensor | None) -> torch.Tensor:
-    """r of the ascending flat indices `idx`: the highest priority (then lowest index), or the first r."""
+def _pick(idx: torch.Tensor, r: int, priority: Priority | None, work: torch.Tensor | None = None) -> torch.Tensor:
+    """r of the ascending flat indices `idx` (a small set): the highest priority (then lowest index),
+    or the first r."""
     if priority is None or r >= idx.numel():
         return idx[:r]
+    if isinstance(priority, torch.Tensor):
+        pri = priority[idx]
+    else:  # regenerate the stream's prefix up to the last index (into `work` when given)
+        m = int(idx[-1]) + 1
+        buf = work[:m] if work is not None else torch.empty(m, dtype=torch.float32, device=idx.device)
+        pri = priority(buf)[idx]
     sub = torch.empty(idx.numel(), dtype=torch.bool, device=idx.device)
-    keep_top_k_(priority[idx], r, sub, sample_indices(idx.numel(), idx.device))  # equal priorities: lowest index
+    keep_top_k_(pri, r, sub, sample_indices(idx.numel(), idx.device))  # equal priorities: lowest index
     return idx[sub.nonzero().squeeze(1)]
 
 
 def _fill_ties_(
-    scores: torch.Tensor, value: float, r: int, out: torch.Tensor, priority: torch.Tensor | None = None
+    scores: torch.Tensor,
+    value: float,
+    r: int,
+    out: torch.Tensor,
+    priority: Priority | None = None,
+    sample: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
 ) -> bool:
-    """Set in `out` r entries equal to `value` (highest priority, or the first r by index when
-    `priority` is None); False when fewer than r exist."""
+    """Set in `out` r entries equal to `value` (highest priority, then lowest index; the first r by
+    index when `priority` is None); False when fewer than r exist. `out` holds no entry equal to
+    `value`. `scores` are not read after a True return (so `work` may be `scores`)."""
     eq = scores == value
-    if priority is not None:  # every tied entry competes: one `nonzero`, then select among them only
-        idx = eq.nonzero().squeeze(1)
-        if idx.numel() < r:
+    if priority is not None:
+        # Every tied entry competes, and there may be millions (exact zeros): instead of their
+        # indices, a float view "priority where tied, -1 elsewhere" over all N, whose r largest
+        # (equal priorities: lowest index) the sampled bracket finds, materialising only the bracket.
+        m = int(torch.count_nonzero(eq))
+        if m < r:
             return False
-        out.index_fill_(0, _pick(idx, r, priority), True)
+        if r == m:
+            out.logical_or_(eq)
+            return True
+        if r == 0:
+            return True
+        w = work if work is not None else torch.empty(scores.numel(), dtype=torch.float32, device=scores.device)
+        if isinstance(priority, torch.Tensor):
+            w.copy_(priority)
+        else:
+            priority(w)
+        w.masked_fill_(eq.logical_not_(), -1.0)  # priorities are in [0, 1): the r largest are all tied entries
+        keep_top_k_(w, r, eq, sample)  # eq's storage reused for the chosen ones
+        out.logical_or_(eq)
         return True
     chunks = eq.split(_CHUNK)
     counts = torch.stack([torch.count_nonzero(c) for c in chunks]).cumsum(0)

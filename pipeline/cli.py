@@ -296,7 +296,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
 @main.command()
 @_handle_errors
 def serve() -> None:
-    """Serve the Prefect deployment force-compress/force-compress (needs PREFECT_API_URL; see docs/prefect.md).
+    """Serve the Prefect deployment force-compress/force-compress (needs PREFECT_API_URL; see the README).
 
     Then: prefect deployment run force-compress/force-compress --param model=/abs/model.onnx --param sparsity=0.9"""
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")  # pick runs up within ~2 s (default 10)
