@@ -227,7 +227,7 @@ class PruningContext:
     @torch.no_grad()
     def keep_top(self, k: int) -> torch.Tensor:
         """mask ← exactly the k highest scores (ties: the seeded tie priority, see select.py); θ0⊙m
-        follows on next use."""
+        follows on next use. Consumes `scores`: when a tie is broken the buffer is overwritten."""
         if self.min_per_layer:
             self._reserve_per_layer()
         # The tie priority (select.py) is regenerated when a tie needs it, into the scores buffer,
