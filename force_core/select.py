@@ -86,13 +86,14 @@ def keep_top_k_(
         out.fill_(False)
         return out.index_fill_(0, order, True)
 
-    s = scores[sample].sort().values
+    s = scores[sample]
     m = s.numel()
     below = m * (n - k) / n  # expected number of sampled scores below the k-th largest
     margin = 3.0 * math.sqrt(m) + 8.0  # >= 6 standard deviations of that binomial count
     lo, hi = math.floor(below - margin), math.ceil(below + margin)
-    t_lo = s[lo].item() if lo >= 0 else -math.inf
-    t_hi = s[hi].item() if hi < m else math.inf
+    # The (lo+1)-th and (hi+1)-th smallest sampled scores: two selections, cheaper than a sort.
+    t_lo = torch.kthvalue(s, lo + 1).values.item() if lo >= 0 else -math.inf
+    t_hi = torch.kthvalue(s, hi + 1).values.item() if hi < m else math.inf
 
     gt = torch.empty_like(out)  # entries above the bracket: all kept
     if t_lo == t_hi:  # the k-th score sits inside a block of equal scores (common: exact zeros)
@@ -132,7 +133,7 @@ def keep_top_k_(
             return out
     out.logical_xor_(gt)  # the bracket: >= t_lo (or > t_lo) and not already kept
     idx = out.nonzero().squeeze(1)
-    vals = scores[idx]
+    vals = scores.index_select(0, idx)  # cheaper than advanced indexing on CPU
     r = k - n_gt
     tau = torch.kthvalue(vals, vals.numel() - r + 1).values  # r-th largest in the bracket
     above = vals > tau
