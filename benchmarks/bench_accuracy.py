@@ -144,20 +144,6 @@ def _splits():
     return load_data("digits", (3, IMAGE, IMAGE), num_classes=10, seed=0)
 
 
-def ort_top1(onnx_path: Path, dataset) -> float:
-    """Top-1 of the exported file under onnxruntime on `dataset` (the held-out split)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    x, y = dataset.batch(torch.arange(len(dataset)))
-    logits = sess.run(None, {name: x.numpy().astype(np.float32)})[0]
-    return float((logits.argmax(1) == y.numpy()).mean())
-
-
 def run_cell(job: dict) -> dict:
     """import (done once per net/seed) → masks → sparse-train → export → onnxruntime accuracy."""
     from pipeline.config import make_config
@@ -165,6 +151,7 @@ def run_cell(job: dict) -> dict:
     from stages.compute_masks import compute_masks_stage
     from stages.export_onnx import export_onnx
     from stages.sparse_train import sparse_train
+    from stages.validate import onnx_accuracy
 
     torch.set_num_threads(job["threads"])
     out = Path(job["dir"])
@@ -187,7 +174,7 @@ def run_cell(job: dict) -> dict:
     trained = sparse_train(job["normalized"], masks.masks_path, config, out, progress=False)
     exported = export_onnx(job["normalized"], trained.state_path, out / "model.sparse.onnx",
                            masks_path=masks.masks_path, provenance={"bench": "accuracy"})
-    top1 = ort_top1(exported.out_path, splits.val)
+    top1, _ = onnx_accuracy(exported.out_path, splits.val, threads=1)  # the validation stage's scoring
     cell = {
         "net": job["net"], "method": method, "sparsity": sparsity, "seed": seed, "ort_val_acc": top1,
         "torch_val_acc": trained.val_acc, "train_acc": trained.train_acc, "density": masks.density,

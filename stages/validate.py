@@ -370,6 +370,15 @@ def _run(session, input_name: str, x: np.ndarray, fixed_batch: int | None) -> np
     return np.concatenate(outs)
 
 
+def onnx_accuracy(model_path: str | Path, dataset, *, device="cpu", threads: int | None = None) -> tuple[float, float]:
+    """Top-1 and top-5 of an ONNX classifier under onnxruntime on `dataset` (what the gate scores)."""
+    from stages.onnx_convert import runtime
+
+    session = runtime.session(model_path, device=device, threads=threads)
+    top1, top5, _ = _accuracy(session, session.get_inputs()[0].name, dataset, _session_fixed_batch(session))
+    return top1, top5
+
+
 def _accuracy(session, input_name: str, dataset, fixed_batch: int | None, batch_size: int = 256):
     if len(dataset) == 0:
         raise BadInputError("the held-out split is empty; raise --val-fraction or give more data")
