@@ -139,7 +139,8 @@ def masks_stage(normalized_path: str, run_dir: str, config: CompressConfig, inpu
     splits = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
                        seed=config.seed, augment=False)
     batches = mask_batches(splits, config.mask_batch_size, config.mask_batches_per_step, seed=config.seed)
-    bar = tqdm(total=config.steps, desc=f"masks ({config.method})", leave=False, unit="step")
+    # disable=None: no carriage-return bar in non-terminal logs (CI jobs)
+    bar = tqdm(total=config.steps, desc=f"masks ({config.method})", leave=False, unit="step", disable=None)
 
     def progress(step: int, total: int, info: dict) -> None:
         bar.total = total

@@ -313,7 +313,9 @@ def train_module(
     for epoch in range(start_epoch, end_epoch):
         loader.set_epoch(epoch)
         model.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"train {epoch + 1}/{config.epochs}", leave=False) if show else None
+        # disable=None: no bar when stderr is not a terminal (CI logs), the per-epoch line below still prints
+        bar = tqdm(total=steps_per_epoch, desc=f"train {epoch + 1}/{config.epochs}", leave=False,
+                   disable=None) if show else None
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(loader):

@@ -24,50 +24,13 @@ from pipeline.artifacts import atomic_path, write_bytes_atomic, write_json_atomi
 from pipeline.config import CompressConfig
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, InvalidModelError
-
-# Which input of each operator is its weight (the tensor pruning removes entries from). MatMul has no
-# fixed side: whichever operand is an initializer is the weight.
-WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
+from stages.onnx_convert.sparsity import FileSparsity, LayerSparsity, file_sparsity
 
 ORT_DENSE_SPEED = (
     "onnxruntime multiplies unstructured zeros like any other value, so the pruned model runs at dense "
     "speed: what this sparsity buys today is the file size (gzipped or with sparse initializers) at the "
     "accuracy shown, not lower latency."
 )
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """One prunable initializer as stored in the file."""
-
-    name: str
-    op: str
-    shape: tuple[int, ...]
-    numel: int
-    zeros: int
-
-    @property
-    def density(self) -> float:
-        return 1.0 - self.zeros / self.numel if self.numel else 1.0
-
-
-@dataclass(frozen=True)
-class FileSparsity:
-    """Zeros counted in an ONNX file: prunable weights (per layer and global) and all float parameters."""
-
-    layers: tuple[LayerSparsity, ...]
-    prunable_total: int
-    prunable_zeros: int
-    params_total: int
-    params_zeros: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.prunable_zeros / self.prunable_total if self.prunable_total else 0.0
-
-    @property
-    def params_sparsity(self) -> float:
-        return self.params_zeros / self.params_total if self.params_total else 0.0
 
 
 @dataclass(frozen=True)
@@ -251,61 +214,6 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
     return d0.dim_value if d0.HasField("dim_value") and d0.dim_value > 0 else None
 
 
-def _graphs(graph: onnx.GraphProto):
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
-def _float_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """name -> (shape, numel, zeros) of the float initializers, dense and sparse ones."""
-    out = {}
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    for t in graph.initializer:
-        if t.data_type in floats:
-            a = numpy_helper.to_array(t)
-            out[t.name] = (tuple(a.shape), int(a.size), int(a.size - np.count_nonzero(a)))
-    for st in graph.sparse_initializer:
-        if st.values.data_type in floats:
-            shape = tuple(int(d) for d in st.dims)
-            numel = math.prod(shape)
-            nonzero = int(np.count_nonzero(numpy_helper.to_array(st.values)))
-            out[st.values.name] = (shape, numel, numel - nonzero)
-    return out
-
-
-def file_sparsity(model: onnx.ModelProto) -> FileSparsity:
-    """Zeros in the prunable weights (initializers feeding a Conv/ConvTranspose/Gemm/MatMul weight input)
-    and in all float parameters, subgraphs included."""
-    layers, seen = [], set()
-    params_total = params_zeros = 0
-    for graph in _graphs(model.graph):
-        tensors = _float_tensors(graph)
-        for _shape, numel, zeros in tensors.values():
-            params_total += numel
-            params_zeros += zeros
-        for node in graph.node:
-            for idx in WEIGHT_INPUTS.get(node.op_type, ()):
-                if idx < len(node.input) and node.input[idx] in tensors and node.input[idx] not in seen:
-                    name = node.input[idx]
-                    seen.add(name)
-                    shape, numel, zeros = tensors[name]
-                    if len(shape) >= 2:  # a 1-D operand is a bias-like vector, not a weight matrix
-                        layers.append(LayerSparsity(name, node.op_type, shape, numel, zeros))
-                    break
-    return FileSparsity(
-        layers=tuple(layers),
-        prunable_total=sum(l.numel for l in layers),
-        prunable_zeros=sum(l.zeros for l in layers),
-        params_total=params_total,
-        params_zeros=params_zeros,
-    )
 
 
 def file_sizes(input_path: Path, exported_path: Path, model: onnx.ModelProto) -> dict:

@@ -7,9 +7,11 @@ from onnx import numpy_helper
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
-# (op_type, input index) of weights that are pruned: Conv/ConvTranspose W, Gemm B (A when it is the
-# constant), MatMul's constant operand.
-PRUNABLE_SLOTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("Gemm", 0), ("MatMul", 1), ("MatMul", 0)}
+# Which input of each operator is its weight (the tensor pruning removes entries from), in the order
+# looked for: Conv/ConvTranspose W, Gemm B (A when it is the constant); MatMul has no fixed side, whichever
+# operand is an initializer is the weight.
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
+PRUNABLE_SLOTS = {(op, i) for op, slots in WEIGHT_INPUTS.items() for i in slots}
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
