@@ -157,7 +157,7 @@ def run_cell(job: dict) -> dict:
     out = Path(job["dir"])
     done = out / "cell.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()) | {"reused": True}
     t0 = time.perf_counter()
     splits = _splits()
     method, sparsity, seed = job["method"], job["sparsity"], job["seed"]
@@ -204,7 +204,8 @@ def render(cells: list[dict], nets, sparsities, seeds, elapsed: float, title: st
         f"{EPOCHS} epochs SGD (lr 0.1, momentum 0.9, wd 5e-4, cosine), batch {BATCH}, crop augmentation; masks from "
         f"{MASK_STEPS} exponential steps × 1 batch of {MASK_BATCH} (force, iter_snip), one batch (snip, grasp). "
         f"Seeds {', '.join(map(str, seeds))} (init, masks, training). Cells: median [min–max] over seeds; "
-        f"`d` = layers left with no weight (median) of the prunable layers. Wall time {elapsed / 60:.1f} min, "
+        f"`d` = layers left with no weight (median) of the prunable layers. Wall time {elapsed / 60:.1f} min"
+        f"{_reused_note(cells)}, "
         f"torch {torch.__version__}, CPU.",
         "",
     ]
@@ -234,6 +235,12 @@ def render(cells: list[dict], nets, sparsities, seeds, elapsed: float, title: st
     lines += ["Chance is 0.100. Per-cell records (torch val accuracy, train accuracy, seconds) are in the JSON beside "
               "this file.", ""]
     return "\n".join(lines)
+
+
+def _reused_note(cells: list[dict]) -> str:
+    """A wall time only means something next to how many cells were computed in it."""
+    n = sum(1 for c in cells if c.get("reused"))
+    return f" ({n} of {len(cells)} cells reused from an earlier run in runs/bench_accuracy/)" if n else ""
 
 
 def plot(cells: list[dict], nets, sparsities, path: Path) -> None:
