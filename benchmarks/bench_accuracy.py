@@ -228,7 +228,7 @@ def render(cells: list[dict], nets, sparsities, seeds, elapsed: float, title: st
                     continue
                 accs = [c["ort_val_acc"] for c in cs]
                 dis = statistics.median(c["disconnected"] for c in cs)
-                rng = f" [{min(accs):.2f}–{max(accs):.2f}]" if len(accs) > 1 else ""
+                rng = f" [{min(accs):.3f}–{max(accs):.3f}]" if len(accs) > 1 else ""
                 row.append(f"{statistics.median(accs):.3f}{rng} d={dis:g}")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines.append("")
