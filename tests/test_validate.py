@@ -13,7 +13,8 @@ import torch
 from onnx import numpy_helper
 
 from pipeline.config import make_config
-from stages.validate import ORT_DENSE_SPEED, file_sparsity, load_report, validate
+from stages.onnx_convert.sparsity import file_sparsity
+from stages.validate import ORT_DENSE_SPEED, load_report, validate
 
 
 def _pruned(module, sparsity: float):
