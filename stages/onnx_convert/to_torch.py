@@ -27,7 +27,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 import stages.onnx_convert.ops  # noqa: F401  (registers the converters for newer opsets)
 from pipeline.errors import UnsupportedOperatorError
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
-from stages.onnx_convert.passes._graph import FLOAT_TYPES
+from stages.onnx_convert.passes._graph import FLOAT_TYPES, PRUNABLE_SLOTS
 
 # container operands that are trained (op type -> input indices; None = all)
 _TRAINABLE_OPERANDS: dict[str, tuple[int, ...] | None] = {
@@ -36,7 +36,6 @@ _TRAINABLE_OPERANDS: dict[str, tuple[int, ...] | None] = {
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
     "Einsum": None,
 }
-_PRUNABLE_OPERANDS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
 
 
 def schema_version(op_type: str, domain: str, opset: int) -> int:
@@ -215,7 +214,7 @@ def _make_trainable(gm: fx.GraphModule, model: onnx.ModelProto) -> ParamMap:
                 f"initializer '{init}' is used by {len(slots)} nodes in different layouts (transposed/scaled "
                 "Gemm and plain); export the model without sharing it")
         prunable = is_float and len(tp.dims) >= 2 and any(
-            s.index in _PRUNABLE_OPERANDS.get(s.op_type, ()) and s.role in ("weight", "") for s in slots)
+            (s.op_type, s.index) in PRUNABLE_SLOTS and s.role in ("weight", "") for s in slots)
         stats = any(s.role in ("running_mean", "running_var") for s in slots)
         trainable = is_float and not stats and (prunable or any(
             s.role in ("weight", "bias") or (
