@@ -14,7 +14,7 @@ DEVICE ?=
 REGISTRY ?=
 QUICK ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy compress serve clean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes compress serve clean
 
 install: $(BIN)/.installed
 
@@ -41,6 +41,9 @@ bench-train: install
 
 bench-accuracy: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_accuracy.py
+
+bench-extremes: install
+	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_extremes.py
 
 # Any torchvision architecture at initialization, 10 classes at 32x32 (the digits default):
 # `make compress MODEL=resnet50.onnx` creates resnet50.onnx first when it does not exist.

@@ -122,15 +122,16 @@ def build(net: str, seed: int, width: int = WIDTH) -> nn.Module:
     return _kaiming_(NETS[net](width=width))
 
 
-def export(net: str, seed: int, path: Path) -> Path:
-    """The network at initialization as an ONNX classifier (N, 3, IMAGE, IMAGE) -> (N, 10)."""
+def export(net: str, seed: int, path: Path, fused: bool = False) -> Path:
+    """The network at initialization as an ONNX classifier (N, 3, IMAGE, IMAGE) -> (N, 10). `fused`: as most
+    users' exports are, BatchNorm folded into the convolutions by constant folding, batch fixed at 1."""
     path.parent.mkdir(parents=True, exist_ok=True)
     model = build(net, seed).eval()
     # Exported as users' exporters write it (eval mode, equal constants merged); import un-shares them.
     torch.onnx.export(model, torch.zeros(1, 3, IMAGE, IMAGE), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+                      output_names=["logits"], dynamic_axes=None if fused else {"input": {0: "n"}, "logits": {0: "n"}},
                       opset_version=17, dynamo=False,
-                      do_constant_folding=False)  # keeps BatchNormalization nodes (folding merges them into Conv)
+                      do_constant_folding=fused)  # False keeps BatchNormalization nodes (folding merges them)
     return path
 
 
@@ -154,6 +155,7 @@ def run_cell(job: dict) -> dict:
     from stages.validate import onnx_accuracy
 
     torch.set_num_threads(job["threads"])
+    train_norm, on_collapse = job.get("train_norm", True), job.get("on_collapse", "nested")
     out = Path(job["dir"])
     done = out / "cell.json"
     if done.exists():
@@ -163,24 +165,30 @@ def run_cell(job: dict) -> dict:
     method, sparsity, seed = job["method"], job["sparsity"], job["seed"]
     density = 1.0 - sparsity
     mask_method = "random" if method == "dense" else method  # dense reference: every weight kept
-    n_batches = MASK_STEPS if method in ("force", "iter_snip") else 1
+    per_step = job.get("batches_per_step", 1)
+    n_batches = MASK_STEPS * per_step if method in ("force", "iter_snip") else per_step
     batches = None if mask_method == "random" else mask_batches(splits, MASK_BATCH, n_batches, seed=seed)
     masks = compute_masks_stage(job["normalized"], out / "masks.npz", method=mask_method, density=density,
-                                steps=MASK_STEPS, schedule="exp", batches=batches, seed=seed)
+                                steps=MASK_STEPS, schedule="exp", batches=batches, batches_per_step=per_step,
+                                seed=seed, train_norm=train_norm, on_collapse=on_collapse,
+                                collapse_ratio=job.get("collapse_ratio"))
     t_masks = time.perf_counter() - t0
     config = make_config(model=job["onnx"], sparsity=sparsity if sparsity > 0 else None, method=mask_method,
-                         epochs=EPOCHS, batch_size=BATCH, seed=seed, device="cpu", data="digits",
-                         steps=MASK_STEPS)
+                         epochs=job.get("epochs", EPOCHS), batch_size=BATCH, seed=seed, device="cpu", data="digits",
+                         steps=MASK_STEPS, train_norm=train_norm, on_collapse=on_collapse)
     trained = sparse_train(job["normalized"], masks.masks_path, config, out, progress=False)
     exported = export_onnx(job["normalized"], trained.state_path, out / "model.sparse.onnx",
                            masks_path=masks.masks_path, provenance={"bench": "accuracy"})
     top1, _ = onnx_accuracy(exported.out_path, splits.val, threads=1)  # the validation stage's scoring
+    side = json.loads(masks.meta_path.read_text())
     cell = {
         "net": job["net"], "method": method, "sparsity": sparsity, "seed": seed, "ort_val_acc": top1,
         "torch_val_acc": trained.val_acc, "train_acc": trained.train_acc, "density": masks.density,
         "file_density": exported.density, "disconnected": len(masks.disconnected),
-        "n_layers": len(json.loads(masks.meta_path.read_text())["sizes"]), "mask_seconds": t_masks,
-        "seconds": time.perf_counter() - t0,
+        "n_layers": len(side["sizes"]), "mask_seconds": t_masks, "seconds": time.perf_counter() - t0,
+        "kept": side["kept"], "sizes": side["sizes"], "effective_density": side.get("effective_density"),
+        "cut_layers": side.get("cut_layers"), "step_losses": side.get("step_losses"),
+        "collapse_step": side.get("collapse_step"), "train_norm_layers": len(trained.train_norm_layers),
     }
     done.write_text(json.dumps(cell, indent=1))
     return cell
@@ -282,10 +290,30 @@ def plot(cells: list[dict], nets, sparsities, path: Path) -> None:
 # --------------------------------------------------------------------------------------------- main
 
 
+def quick_from_env() -> bool:
+    return os.environ.get("QUICK", "").strip() not in ("", "0", "false", "no")
+
+
+def run_grid(jobs: list[dict], workers: int, cell_fn, progress_fn, t0: float) -> list[dict]:
+    """`cell_fn(job)` for every job, in `workers` spawned processes (1: in this one), reporting each as it ends."""
+    cells = []
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for i, cell in enumerate(pool.imap_unordered(cell_fn, jobs), 1):
+                cells.append(cell)
+                progress_fn(i, len(jobs), cell, t0)
+    else:
+        for i, job in enumerate(jobs, 1):
+            cells.append(cell_fn(job))
+            progress_fn(i, len(jobs), cells[-1], t0)
+    return cells
+
+
 def main(argv=None) -> int:
-    quick_env = os.environ.get("QUICK", "").strip() not in ("", "0", "false", "no")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", default=quick_env, help="one net, 99 and 99.5%%, one seed")
+    ap.add_argument("--quick", action="store_true", default=quick_from_env(), help="one net, 99 and 99.5%%, one seed")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each)")
     ap.add_argument("--nets", nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None)
@@ -319,18 +347,7 @@ def main(argv=None) -> int:
                 for s in sparsities:
                     jobs.append({**common, "method": method, "sparsity": s, "dir": str(base / f"{method}-{s:g}")})
 
-    cells = []
-    if args.jobs > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            for i, cell in enumerate(pool.imap_unordered(_run_safe, jobs), 1):
-                cells.append(cell)
-                _progress(i, len(jobs), cell, t0)
-    else:
-        for i, job in enumerate(jobs, 1):
-            cells.append(_run_safe(job))
-            _progress(i, len(jobs), cells[-1], t0)
+    cells = run_grid(jobs, args.jobs, _run_safe, _progress, t0)
     cells = [c for c in cells if "error" not in c] + [c for c in cells if "error" in c]
     elapsed = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)

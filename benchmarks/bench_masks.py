@@ -3,7 +3,8 @@
 torchvision resnet18, 10 classes, Kaiming-normal init (fan-in, ReLU gain: the paper's), 32x32
 inputs, batch 64, FORCE with 20 steps to density 0.01, on CPU. Writes benchmarks/results/bench_masks.md.
 
-1. overhead = FORCE wall time / (steps x one plain forward+backward of the same model and batch);
+1. overhead = FORCE wall time / (steps x one plain forward+backward of the same model and batch),
+   for resnet18 and for resnet50 (same setting; `--nets resnet18` skips resnet50);
 2. speed-up over a straightforward implementation that deep-copies the network every step and
    ranks with a full `topk` (the published code's way), in the same run, checking the masks agree;
 3. memory = (peak RSS of a fresh process that runs compute_masks - peak RSS of a fresh process that
@@ -37,11 +38,12 @@ import force_core  # noqa: E402
 
 STEPS, DENSITY, BATCH, SIZE = 20, 0.01, 64, 32
 TARGETS = {"overhead": 1.3, "speedup": 3.0, "memory": 2.5}
+NETS = ("resnet18", "resnet50")
 
 
-def setup(seed: int = 0):
+def setup(seed: int = 0, arch: str = "resnet18"):
     torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=10)
+    model = getattr(torchvision.models, arch)(num_classes=10)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -54,6 +56,50 @@ def setup(seed: int = 0):
 def plain_pass(model, x, y) -> None:
     F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
+
+
+def force_masks(model, x, y):
+    return force_core.compute_masks(model, [(x, y)], method="force", density=DENSITY, steps=STEPS)
+
+
+def passes_done(masks) -> str:
+    """How many forward+backward passes compute_masks made (one per recorded loss), and the collapse step:
+    the collapse guard adds a pass, and a forward, when the final mask has cut the network."""
+    return f"{len(masks.meta['step_losses'])} ({masks.meta.get('collapse_step') or 'none'})"
+
+
+def timed(fn, into: list):
+    """Runs fn, appends (wall seconds, process CPU seconds) to `into`, returns fn's result."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    into.append((time.perf_counter() - w, time.process_time() - c))
+    return out
+
+
+def measure_overhead(arch: str, rounds: int = 2) -> dict:
+    """FORCE ÷ (steps × one plain forward+backward) for `arch`, measurements interleaved as in `main`."""
+    model, x, y = setup(arch=arch)
+    for _ in range(2):  # warm-up
+        plain_pass(model, x, y)
+    passes, forces = [], []
+    masks = None
+    for _ in range(rounds):
+        for _ in range(5):
+            timed(lambda: plain_pass(model, x, y), passes)
+        masks = timed(lambda: force_masks(model, x, y), forces)
+    t_pass, c_pass = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes)
+    t_force, c_force = min(f[0] for f in forces), min(f[1] for f in forces)
+    return {
+        "arch": arch,
+        "n": masks.total(),
+        "overhead": t_force / (STEPS * t_pass),
+        "overhead_cpu": c_force / (STEPS * c_pass),
+        "t_pass": t_pass,
+        "t_force": t_force,
+        "passes": len(passes),
+        "forces": len(forces),
+        "masks": masks,
+    }
 
 
 def deepcopy_force(model, x, y, *, density=DENSITY, steps=STEPS):
@@ -88,7 +134,7 @@ def child(kind: str) -> None:
     model, x, y = setup()
     plain_pass(model, x, y)
     if kind == "masks":
-        force_core.compute_masks(model, [(x, y)], method="force", density=DENSITY, steps=STEPS)
+        force_masks(model, x, y)
     # VmHWM: this process image's peak RSS (ru_maxrss would carry the parent's peak across exec).
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
     print(json.dumps({"peak_kib": int(hwm.split()[1])}))
@@ -101,7 +147,7 @@ def peak_kib(kind: str) -> int:
     return json.loads(out.strip().splitlines()[-1])["peak_kib"]
 
 
-def main() -> None:
+def main(nets: list[str]) -> None:
     load_before = os.getloadavg()
     model, x, y = setup()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -114,19 +160,10 @@ def main() -> None:
     # other processes share the cores.
     passes, forces, refs = [], [], []
     masks = ref = None
-
-    def timed(fn, into):
-        w, c = time.perf_counter(), time.process_time()
-        out = fn()
-        into.append((time.perf_counter() - w, time.process_time() - c))
-        return out
-
     for _ in range(2):
         for _ in range(5):
             timed(lambda: plain_pass(model, x, y), passes)
-        masks = timed(
-            lambda: force_core.compute_masks(model, [(x, y)], method="force", density=DENSITY, steps=STEPS), forces
-        )
+        masks = timed(lambda: force_masks(model, x, y), forces)
         ref = timed(lambda: deepcopy_force(model, x, y), refs)
     t_pass, c_pass = statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes)
     t_force, c_force = min(f[0] for f in forces), min(f[1] for f in forces)
@@ -142,13 +179,23 @@ def main() -> None:
     overhead = t_force / (STEPS * t_pass)
     speedup = t_ref / t_force
     overhead_cpu, speedup_cpu = c_force / (STEPS * c_pass), c_ref / c_force
+    others = [measure_overhead(arch) for arch in nets if arch != "resnet18"]
     rows = [
         (
-            "overhead: FORCE ÷ (steps × fwd+bwd)",
+            "overhead: FORCE ÷ (steps × fwd+bwd), resnet18",
             f"{overhead:.2f}",
             f"≤ {TARGETS['overhead']}",
             overhead <= TARGETS["overhead"],
         ),
+        *[
+            (
+                f"overhead: FORCE ÷ (steps × fwd+bwd), {o['arch']}",
+                f"{o['overhead']:.2f}",
+                f"≤ {TARGETS['overhead']}",
+                o["overhead"] <= TARGETS["overhead"],
+            )
+            for o in others
+        ],
         (
             "speed-up over deep-copy + full topk",
             f"{speedup:.2f}×",
@@ -177,6 +224,18 @@ def main() -> None:
         f"| same masks as the deep-copy implementation | {'identical' if same else f'no (IoU {iou:.3f})'} |",
         f"| peak RSS: plain fwd+bwd / compute_masks | {peak_plain / 1024:.0f} MiB / {peak_masks / 1024:.0f} MiB |",
         f"| kept / disconnected layers | {masks.total_kept():,} / {len(masks.disconnected)} |",
+        f"| fwd+bwd passes made (collapse step) | {passes_done(masks)} |",
+        *[
+            line
+            for o in others
+            for line in (
+                f"| {o['arch']}: N, overhead in process CPU time | {o['n']:,}, {o['overhead_cpu']:.2f} |",
+                f"| {o['arch']}: one forward+backward (median of {o['passes']}) | {o['t_pass'] * 1e3:.1f} ms |",
+                f"| {o['arch']}: compute_masks FORCE (best of {o['forces']}) | {o['t_force']:.2f} s "
+                f"({o['t_force'] / STEPS * 1e3:.1f} ms/step) |",
+                f"| {o['arch']}: fwd+bwd passes made (collapse step) | {passes_done(o['masks'])} |",
+            )
+        ],
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}; "
         f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
@@ -193,8 +252,11 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=["plain", "masks"], help="internal: one memory measurement")
+    parser.add_argument(
+        "--nets", default=",".join(NETS), help=f"comma-separated networks whose overhead is measured (default {NETS})"
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child)
     else:
-        main()
+        main([n for n in args.nets.split(",") if n])

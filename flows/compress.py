@@ -15,9 +15,10 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from pipeline.config import CompressConfig, make_config
-from pipeline.errors import GateFailedError
+from pipeline.errors import GateFailedError, NetworkCutError
 from stages.run_all import Stage, check_request, describe, run_all, stage_key
 from stages.validate import load_report
 
@@ -82,7 +83,10 @@ def _compress(**params) -> dict:
     config = make_config(**params)  # one clear BadInputError before any work
     request = check_request(config)
     logger.info("run directory %s", request.run_dir)
-    summary = run_all(config, run_stage_as_task, request=request)
+    try:
+        summary = run_all(config, run_stage_as_task, request=request)
+    except NetworkCutError as e:  # stopped before training: a failed run with one line, not a traceback in the log
+        return Failed(message=str(e), data=e)  # the caller still gets the exception (exit 1)
     report = load_report(Path(summary.run_dir) / "report.json")
     create_markdown_artifact(markdown=Path(report.report_md).read_text(), key="force-compress-report",
                              description=f"validation report of {config.model_name}")

@@ -23,10 +23,14 @@ from torch.func import functional_call
 from force_core.maskset import MaskSet
 from force_core.params import Selector, prunable_parameters
 from force_core.registry import get_method
-from force_core.select import keep_top_k_, sample_indices, tie_priority_
+from force_core.select import TiePriority, keep_top_k_, sample_indices
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 SCHEDULES = ("exp", "linear")
+COLLAPSE_RULES = ("nested", "none")
+# A network whose outputs spread over a batch less than this fraction of the dense network's is nearly cut.
+COLLAPSE_RATIO = 0.1
+_REFRESH_SLICE = 1 << 20  # entries per slice of the masked-weight refresh on CPU (4 MiB of float mask)
 
 
 def density_schedule(density: float, steps: int, schedule: str = "exp") -> list[float]:
@@ -39,6 +43,16 @@ def density_schedule(density: float, steps: int, schedule: str = "exp") -> list[
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     ds[-1] = density
     return ds
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t` fills its numel() elements of storage without gaps or overlaps (any order of dimensions)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda p: p[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def kept_count(density: float, n: int) -> int:
@@ -132,6 +146,8 @@ class PruningContext:
         min_per_layer: int,
         seed: int,
         progress: Progress | None,
+        on_collapse: str = "nested",
+        collapse_ratio: float = 0.1,
     ):
         self.model = model
         self.names = list(params)
@@ -151,11 +167,20 @@ class PruningContext:
         self.score_views = [v.view_as(t) for v, t in zip(self.scores.split(sizes), self.theta0, strict=True)]
         self.mask_views = [v.view_as(t) for v, t in zip(self.mask.split(sizes), self.theta0, strict=True)]
         self._sample = sample_indices(self.numel, self.device, seed)
+        self._priority = TiePriority(seed)  # the tie priority, regenerated when a tie needs it (select.py)
+        self._ks = [k for _, _, k in self.schedule()]  # told to the priority: ties expected at later steps
         self._weights: list[torch.Tensor] | None = None
+        self._flat_weights: torch.Tensor | None = None  # their storage, when they are views of one buffer
         self._stale = False
         # Buffers (BatchNorm running stats) are cloned once: training-mode forwards update the clones.
         self.buffers = {n: b.clone() for n, b in model.named_buffers()}
         self.losses: list[float] = []
+        self.on_collapse, self.collapse_ratio = on_collapse, collapse_ratio
+        self.collapse_step: int | None = None  # the step whose saliencies found the network collapsed
+        self._spread: torch.Tensor | None = None
+        self._spread_dense: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+        self._last_batch = batches.first
 
     # ---- the schedule
     def schedule(self) -> Iterator[tuple[int, float, int]]:
@@ -170,27 +195,103 @@ class PruningContext:
 
         Refreshed lazily after `keep_top` (no work after the last step); a refresh uses the
         `scores` buffer for the 0/1 float mask, so read the masked weights before writing scores.
+        `keep_top` uses their storage as scratch: do not keep them across a selection.
         """
         if self._weights is None:
-            self._weights = [t.clone().requires_grad_(True) for t in self.theta0]
+            self._weights = self._new_weights()
             self._stale = not bool(self.mask.all())
         if self._stale:
             self._refresh_weights()
         return self._weights
 
     @torch.no_grad()
+    def _new_weights(self) -> list[torch.Tensor]:
+        """Leaves holding θ0, each with θ0's strides: views of one flat buffer when the θ0 share a dtype and
+        are dense, so that `keep_top` can use that storage as scratch while they are stale."""
+        dtype = self.theta0[0].dtype
+        if not all(t.dtype == dtype and _dense(t) for t in self.theta0):
+            return [t.clone().requires_grad_(True) for t in self.theta0]
+        self._flat_weights = torch.empty(-(-self.numel // 8) * 8, dtype=dtype, device=self.device)
+        ws, start = [], 0
+        for t in self.theta0:
+            ws.append(self._flat_weights.as_strided(t.shape, t.stride(), start).copy_(t).requires_grad_(True))
+            start += t.numel()
+        return ws
+
+    def _scratch(self) -> list[torch.Tensor]:
+        """Flat bool buffers of N entries in the storage of the masked weights, free while they are stale
+        (from a selection to their next use): as many as it holds, for the selection's temporaries."""
+        if self._flat_weights is None:
+            return []
+        n_pad = self._flat_weights.numel()
+        u8 = self._flat_weights.view(torch.uint8)
+        return [u8[i * n_pad : i * n_pad + self.numel].view(torch.bool) for i in range(u8.numel() // n_pad)]
+
+    @torch.no_grad()
     def _refresh_weights(self) -> None:
-        self.scores.copy_(self.mask)  # float 0/1 mask: multiplying by it is cheaper than by a bool mask
+        # θ0 times the float 0/1 mask (cheaper than times a bool mask), converted from the mask's bytes read
+        # as uint8 (~3x cheaper on CPU than from bool; same values). On CPU slice by slice through the head of
+        # `scores`, so that each slice of the float mask is still in cache when multiplied.
+        u8 = self.mask.view(torch.uint8)
+        if self.device.type != "cpu":
+            self.scores.copy_(u8)
+        start, c = 0, _REFRESH_SLICE
         for w, t, m in zip(self._weights, self.theta0, self.score_views, strict=True):
-            torch.mul(t, m, out=w)
+            n = t.numel()
+            if self.device.type != "cpu":
+                torch.mul(t, m, out=w)
+            elif t.is_contiguous() and w.is_contiguous():
+                tf, wf = t.view(-1), w.view(-1)
+                for a in range(0, n, c):
+                    f = self.scores[: min(c, n - a)]
+                    f.copy_(u8[start + a : start + a + f.numel()])
+                    torch.mul(tf[a : a + f.numel()], f, out=wf[a : a + f.numel()])
+            else:
+                torch.mul(t, m.copy_(u8[start : start + n].view_as(m)), out=w)
+            start += n
         self._stale = False
 
     def loss(self, weights: Sequence[torch.Tensor], batch) -> torch.Tensor:
-        """Training loss of the network whose prunable weights are `weights` (model's other params)."""
+        """Training loss of the network whose prunable weights are `weights` (model's other params); keeps how
+        much the outputs still depend on the inputs (see `collapsed`)."""
         x, y = batch
+        self._last_batch = batch
         tensors = dict(zip(self.names, weights, strict=True))
         tensors.update(self.buffers)
-        return self.loss_fn(functional_call(self.model, tensors, (x,)), y)
+        out = functional_call(self.model, tensors, (x,))
+        self._record_dependence(out)
+        return self.loss_fn(out, y)
+
+    @torch.no_grad()
+    def _record_dependence(self, out: torch.Tensor) -> None:
+        """How far the outputs of the batch spread around their mean (0: they no longer depend on the input);
+        the first forward pass, at the dense network, sets the reference."""
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] > 1:
+            out = out.detach().float()
+            self._spread = (out - out.mean(0, keepdim=True)).abs().amax()
+            if self._spread_dense is None:
+                self._spread_dense = self._spread.clone()
+
+    # ---- collapse
+    def collapsed(self) -> bool:
+        """Whether the network at the current mask is (nearly) cut, judged by the last forward pass: the
+        outputs' spread over the batch has fallen to `collapse_ratio` of the dense network's. The loss then sits
+        at the uniform-prediction value, every gradient upstream of the cut is (nearly) zero and a selection
+        picks among ties (issue 11: FORCE from ~2.5% density on a narrow VGG19, spread 4.4 at the dense
+        network, 0.70, 0.08, then exactly 0 over its last steps). Zero saliencies alone are no sign: at 32×32
+        most taps of an ImageNet network's last stage see only padding (FORCE.md)."""
+        if self._spread is None or self._spread_dense is None:
+            return False
+        return float(self._spread) <= self.collapse_ratio * float(self._spread_dense)
+
+    @torch.no_grad()
+    def mask_collapsed(self) -> bool:
+        """`collapsed` for the current mask from one forward pass without gradients on the last batch used
+        (after the last step: the batch stream and the loss function see nothing of it)."""
+        tensors = dict(zip(self.names, self.masked_weights, strict=True))
+        tensors.update(self.buffers)
+        self._record_dependence(functional_call(self.model, tensors, (self._last_batch[0],)))
+        return self.collapsed()
 
     def gradients(self) -> list[torch.Tensor]:
         """∂L/∂(θ0⊙m), summed over the next `batches_per_step` batches, returned as views of `scores`.
@@ -206,8 +307,7 @@ class PruningContext:
         for batch in self.batches.take(self.batches_per_step):
             loss = self.loss(ws, batch)
             torch.autograd.backward(loss, inputs=ws)
-            if self.progress is not None:
-                self.losses.append(float(loss.detach()))
+            self.losses.append(float(loss.detach()))
         return self.score_views
 
     def connection_sensitivity(self) -> torch.Tensor:
@@ -221,14 +321,15 @@ class PruningContext:
 
     def _sensitivity_one_batch(self) -> torch.Tensor:
         """`connection_sensitivity` for one batch per step, in fewer passes over N: each layer's
-        gradient, as backward produces it, is multiplied by θ0 straight into `scores` and freed
-        (no zeroing, no accumulation pass). Same bits: g·θ0 with g the one batch's gradient."""
+        gradient, as backward produces it, is multiplied by θ0 straight into `scores`, made absolute
+        while still in cache, and freed (no zeroing, no accumulation pass, no separate pass for |·|).
+        Same bits: |g·θ0| with g the one batch's gradient."""
         ws = self.masked_weights  # before writing scores (a refresh uses them)
         done = [False] * len(ws)
 
         @torch.no_grad()
         def store(w: torch.Tensor, i: int) -> None:
-            torch.mul(w.grad, self.theta0[i], out=self.score_views[i])
+            torch.mul(w.grad, self.theta0[i], out=self.score_views[i]).abs_()
             w.grad = None
             done[i] = True
 
@@ -242,13 +343,28 @@ class PruningContext:
         finally:
             for h in handles:
                 h.remove()
-        if self.progress is not None:
-            self.losses.append(float(loss.detach()))
+        self.losses.append(float(loss.detach()))
         with torch.no_grad():
             for i, ok in enumerate(done):
                 if not ok:  # no gradient reached this layer: zero, as `gradients` gives
                     self.score_views[i].zero_()
-            return self.scores.abs_()
+        return self.scores
+
+    @torch.no_grad()
+    def remember_mask_(self) -> None:
+        """Keep a copy of the current mask (one bool per weight) for `restore_mask_`."""
+        if self._previous is None:
+            self._previous = torch.empty_like(self.mask)
+        self._previous.copy_(self.mask)
+
+    @torch.no_grad()
+    def restore_mask_(self) -> bool:
+        """Go back to the mask kept by `remember_mask_`; False when there is none."""
+        if self._previous is None:
+            return False
+        self.mask.copy_(self._previous)
+        self._stale = True
+        return True
 
     @torch.no_grad()
     def drop_pruned_(self) -> None:
@@ -263,9 +379,12 @@ class PruningContext:
         if self.min_per_layer:
             self._reserve_per_layer()
         # The tie priority (select.py) is regenerated when a tie needs it, into the scores buffer,
-        # which the selection consumes: no N-sized priority is kept between selections.
-        keep_top_k_(self.scores, k, self.mask, self._sample, partial(tie_priority_, seed=self.seed), work=self.scores)
+        # which the selection consumes: no N-sized float priority is kept between selections (see
+        # TiePriority.plan for the ties expected at later steps of the schedule). Its other
+        # temporaries live in the masked weights' storage, stale from here to their next use.
         self._stale = True
+        self._priority.plan(k, [later for later in self._ks if later < k])
+        keep_top_k_(self.scores, k, self.mask, self._sample, self._priority, work=self.scores, scratch=self._scratch())
         return self.mask
 
     def _reserve_per_layer(self) -> None:
@@ -299,6 +418,8 @@ def compute_masks(
     min_per_layer: int = 0,
     seed: int = 0,
     progress: Progress | None = None,
+    on_collapse: str = "nested",
+    collapse_ratio: float = COLLAPSE_RATIO,
 ) -> MaskSet:
     """Pruning masks at initialization for `model`, keeping exactly round(density·N) weights.
 
@@ -311,6 +432,11 @@ def compute_masks(
     - `params` / `selector`: which parameters are prunable (see `prunable_parameters`).
     - `min_per_layer`: opt-in guard keeping at least this many weights in every layer (0: the paper).
     - `progress(step, total, info)` is called after every step.
+    - `on_collapse`: what FORCE does when the masked network stops depending on its input (see
+      `PruningContext.collapsed`): "nested" goes back to the last mask that did not, and continues with
+      Iterative SNIP's nested selection; "none" carries on as the paper's FORCE does. Other methods ignore it.
+      `collapse_ratio`: the network counts as collapsed when its outputs spread over a batch at most this
+      fraction of the dense network's (0: only when they no longer depend on the input at all).
 
     The model comes back exactly as found: parameters, buffers, gradients and train/eval modes.
     Masks are on the model's device; equal inputs on equal numerics give identical masks.
@@ -324,6 +450,10 @@ def compute_masks(
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(batches_per_step, int) or batches_per_step < 1:
         raise ValueError(f"batches_per_step must be an integer >= 1, got {batches_per_step!r}")
+    if isinstance(collapse_ratio, bool) or not isinstance(collapse_ratio, (int, float)) or not 0 <= collapse_ratio < 1:
+        raise ValueError(f"collapse_ratio must be in [0, 1), got {collapse_ratio!r}")
+    if on_collapse not in COLLAPSE_RULES:
+        raise ValueError(f"on_collapse must be one of {', '.join(COLLAPSE_RULES)}, got {on_collapse!r}")
     if not isinstance(min_per_layer, int) or min_per_layer < 0:
         raise ValueError(f"min_per_layer must be an integer >= 0, got {min_per_layer!r}")
 
@@ -362,6 +492,8 @@ def compute_masks(
             min_per_layer=min_per_layer,
             seed=seed,
             progress=progress,
+            on_collapse=on_collapse,
+            collapse_ratio=collapse_ratio,
         )
         spec.fn(ctx)
     finally:
@@ -376,6 +508,10 @@ def compute_masks(
         "batches_per_step": batches_per_step,
         "seed": seed,
         "min_per_layer": min_per_layer,
+        "on_collapse": on_collapse,
+        "collapse_ratio": collapse_ratio,
+        "collapse_step": ctx.collapse_step,
+        "step_losses": [round(v, 6) for v in ctx.losses],
         "k": k,
         "total": n_total,
         "seconds": round(time.perf_counter() - started, 3),

@@ -14,7 +14,7 @@ import types
 
 import click
 
-from pipeline.errors import EnvironmentProblem, ForceCompressError, GateFailedError
+from pipeline.errors import EnvironmentProblem, ForceCompressError, GateFailedError, NetworkCutError
 
 
 def _handle_errors(fn):
@@ -29,6 +29,12 @@ def _handle_errors(fn):
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def _config_default(name: str):
+    from pipeline.config import CompressConfig
+
+    return CompressConfig.model_fields[name].default
 
 
 @click.group()
@@ -57,14 +63,19 @@ def _echo_json(obj) -> None:
 @click.option("--batches-per-step", type=int, default=1, show_default=True)
 @click.option("--image-size", type=int, nargs=2, default=None, metavar="H W", help="for dynamic spatial inputs")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train-norm/--no-train-norm", default=True, show_default=True,
+              help="BatchNorm-fused layers get a BatchNorm (batch statistics) while masks are computed")
+@click.option("--min-per-layer", type=int, default=_config_default("min_per_layer"), show_default=True,
+              help="weights every prunable layer keeps at least (0: none, as the paper)")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
-def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed, out):
+def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
+              train_norm, min_per_layer, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     import tempfile
 
     from pipeline.errors import BadInputError
-    from stages.compute_masks import DATA_FREE_METHODS, compute_masks_stage
+    from stages.compute_masks import DATA_FREE_METHODS, compute_masks_stage, mask_batch_count
     from stages.import_onnx import import_onnx
 
     if not 0.0 < sparsity < 1.0:
@@ -73,16 +84,19 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
         raise BadInputError(f"method {method!r} scores weights on data: give --data "
                             f"(data-free methods: {', '.join(sorted(DATA_FREE_METHODS))})")
     with tempfile.TemporaryDirectory() as tmp:
-        imported = import_onnx(model, tmp, image_size=tuple(image_size) if image_size else None)
+        imported = import_onnx(model, tmp, image_size=tuple(image_size) if image_size else None,
+                               train_norm=train_norm)
         batches = None
         if data is not None:
             from pipeline.data import load_data, mask_batches
 
             splits = load_data(data, imported.input_shape, num_classes=imported.num_classes, seed=seed, augment=False)
-            batches = mask_batches(splits, batch_size, batches_per_step, seed=seed)
+            n = mask_batch_count(method, steps, batches_per_step)
+            batches = mask_batches(splits, batch_size, n, seed=seed)
         result = compute_masks_stage(imported.normalized_path, out, method=method, density=1.0 - sparsity,
                                      steps=steps, schedule=schedule, batches=batches,
-                                     batches_per_step=batches_per_step, seed=seed)
+                                     batches_per_step=batches_per_step, seed=seed, train_norm=train_norm,
+                                     min_per_layer=min_per_layer)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")
@@ -145,6 +159,12 @@ def inspect_cmd(model, as_json, no_import, image_size):
         imp = info["import"]
         click.echo("  import: ok" + (f" ({'; '.join(imp['changes'])})" if imp["changes"] else "")
                    if imp["ok"] else f"  import: FAILS: {imp['error']}")
+    if "effective" in info:
+        eff, cut = info["effective"], info["effective"]["cut_layers"]
+        names = ", ".join(cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+        where = f"; no path through {len(cut)} layer(s): {names}" if cut else ""
+        click.echo(f"  effective density {eff['effective_density']:.4f} ({eff['effective_kept_total']} non-zero "
+                   f"weights on an input→output path){where}")
 
 
 @main.command("export-model")
@@ -245,6 +265,8 @@ def _run_flow(config, run_dir: str) -> dict:
 
     try:
         return force_compress(**config.model_dump())
+    except NetworkCutError:  # stopped before training: no summary to show
+        raise
     except GateFailedError:
         path = Path(run_dir) / "summary.json"
         if path.exists():

@@ -23,11 +23,18 @@ class CompressConfig(BaseModel):
     schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
     mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
     mask_batch_size: int = Field(128, ge=1, description="images per pruning mini-batch")
+    min_per_layer: int = Field(1, ge=0, description="weights every prunable layer keeps at least (0: none, as the "
+                                                    "paper; an empty layer cuts every path through it)")
+    on_collapse: Literal["nested", "none"] = Field(
+        "nested", description="FORCE, once the masked network stops depending on its input: nested = back to the "
+                              "last mask that did and Iterative SNIP's nested steps from there; none = the paper's")
 
     data: str = Field("digits", description="data spec: digits | imagefolder:PATH | npz:PATH")
     image_size: tuple[int, int] | None = Field(None, description="H W for models with dynamic spatial size")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction scored by validation")
     augment: bool = Field(True, description="random crop and flip while training")
+    train_norm: bool = Field(True, description="BatchNorm-fused layers get a BatchNorm for masks and training, "
+                                               "folded back at export (the graph keeps its nodes)")
 
     epochs: int = Field(10, ge=0, le=10000, description="sparse-training epochs")
     batch_size: int = Field(128, ge=1, description="training batch size")
@@ -44,6 +51,7 @@ class CompressConfig(BaseModel):
     baseline_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="gate: accuracy to compare against")
     max_drop: float | None = Field(None, ge=0.0, le=1.0, description="gate: largest allowed drop from baseline")
     parity_tol: float = Field(1e-4, gt=0.0, description="max relative torch/onnxruntime difference")
+    cut_check: bool = Field(True, description="stop before training when the masks cut every input→output path")
 
     name: str | None = Field(None, description="model name in the registry (default: the file's stem)")
     registry: str = Field("registry", description="registry directory")

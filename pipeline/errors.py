@@ -19,6 +19,11 @@ class GateFailedError(ForceCompressError):
     exit_code = 1
 
 
+class NetworkCutError(GateFailedError):
+    """The masks leave (nearly) no kept weight on an input→output path: stopped before training, nothing
+    published; the masks stay in the run directory for inspection."""
+
+
 class BadInputError(ForceCompressError):
     """Unreadable or invalid input: model file, data, arguments."""
 

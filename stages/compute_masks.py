@@ -21,7 +21,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
 from stages.import_onnx import ParamMap, load_module
 
-__all__ = ["DATA_FREE_METHODS", "MaskResult", "compute_masks_stage", "load_masks", "save_masks"]
+__all__ = ["DATA_FREE_METHODS", "MaskResult", "compute_masks_stage", "effective_sidecar", "load_masks", "save_masks"]
 
 # methods that score weights without data (no --data needed)
 DATA_FREE_METHODS = frozenset({"random", "magnitude", "synflow"})
@@ -37,14 +37,21 @@ class MaskResult:
     disconnected: tuple[str, ...]  # initializer names left with no weight
     method: str = ""
     seconds: float = 0.0
+    effective_density: float | None = None  # kept weights on an input→output path / all; None: not measured
+    cut_layers: tuple[str, ...] = ()  # initializer names with no kept weight on any path
 
 
 def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.PathLike, *, method: str,
                         density: float, steps: int | None = None, schedule: str = "exp",
                         batches: Iterable | None = None, batches_per_step: int = 1, seed: int = 0,
-                        progress: Callable | None = None, device: str = "auto") -> MaskResult:
+                        progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
+                        on_collapse: str = "nested", collapse_ratio: float | None = None,
+                        min_per_layer: int = 0) -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
-    `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices)."""
+    `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
+    `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses).
+    `min_per_layer`: weights every layer keeps at least, lowered to what k allows (fewer kept weights than
+    layers leave some layer empty whatever the method; the cut check reports it)."""
     import time
 
     if method not in force_core.available_methods():
@@ -60,26 +67,54 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
         batches = [_dummy_batch(normalized_path)]
     device = resolve_device(str(device))
     module, param_map = load_module(normalized_path)
+    norms = force_core.add_train_norm(module) if train_norm else []
     module.to(device)
+    n_weights = sum(p.numel() for n, p in module.named_parameters() if n in set(param_map.prunable))
+    min_per_layer = min(min_per_layer, force_core.kept_count(density, n_weights) // max(1, len(param_map.prunable)))
     started = time.perf_counter()
     try:
         maskset = force_core.compute_masks(module, batches, method=method, density=density, steps=steps,
                                            schedule=schedule, batches_per_step=batches_per_step,
-                                           params=param_map.prunable, seed=seed, progress=progress)
+                                           params=param_map.prunable, seed=seed, progress=progress,
+                                           on_collapse=on_collapse, min_per_layer=min_per_layer,
+                                           **({} if collapse_ratio is None else {"collapse_ratio": collapse_ratio}))
     except ValueError as e:  # force_core checks its arguments with ValueError: user input here
         raise BadInputError(str(e)) from None
     seconds = time.perf_counter() - started
+    effective = force_core.effective_sparsity(module, maskset, batches[0][0])
     meta = {
         "method": method, "target_density": density, "target_sparsity": 1.0 - density, "schedule": schedule,
         "steps": steps, "seed": seed, "batches": len(batches), "batches_per_step": batches_per_step,
         "source_sha256": sha256_file(normalized_path), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
         "seconds": round(seconds, 3),
+        "min_per_layer": min_per_layer,
+        "train_norm_layers": [param_map.to_initializer(f"{n.layer}.weight") for n in norms],
+        **{k: maskset.meta[k] for k in ("on_collapse", "collapse_step", "step_losses")},
     }
+    meta.update(effective_sidecar(effective, param_map))
     masks_path, meta_path, summary = save_masks(out_path, maskset, param_map, meta)
     return MaskResult(masks_path=masks_path, meta_path=meta_path, density=summary["density"],
                       kept=summary["kept_total"], total=summary["total"],
-                      disconnected=tuple(summary["disconnected"]), method=method, seconds=seconds)
+                      disconnected=tuple(summary["disconnected"]), method=method, seconds=seconds,
+                      effective_density=effective.effective_density, cut_layers=tuple(meta["cut_layers"]))
+
+
+def effective_sidecar(effective: force_core.EffectiveSparsity, param_map: ParamMap) -> dict:
+    """The sidecar's effective-sparsity entries, keyed by initializer name like `kept`."""
+    return {"effective_kept": {param_map.to_initializer(n): k for n, k in effective.effective_kept.items()},
+            "effective_kept_total": effective.effective_kept_total, "effective_density": effective.effective_density,
+            "cut_layers": [param_map.to_initializer(n) for n in effective.cut_layers]}
+
+
+def mask_batch_count(method: str, steps: int | None, batches_per_step: int) -> int:
+    """How many mini-batches a mask computation uses: fresh ones at every step, as the reference code draws
+    them (FORCE.md), so an iterative method takes steps × batches_per_step (cycled when fewer are given)."""
+    try:
+        spec = force_core.registry.get_method(method)
+    except ValueError:  # reported by compute_masks_stage
+        return batches_per_step
+    return (1 if spec.single_shot else (steps or spec.default_steps)) * batches_per_step
 
 
 def save_masks(out_path: str | os.PathLike, maskset, param_map: ParamMap, meta: dict) -> tuple[Path, Path, dict]:
@@ -121,7 +156,7 @@ def load_masks(masks_path: str | os.PathLike, param_map: ParamMap) -> force_core
         raise BadInputError(f"{masks_path}: {e}") from None
     side = masks_path.with_suffix(".json")
     meta = json.loads(side.read_text()) if side.exists() else {}
-    meta = {k: v for k, v in meta.items() if k not in ("kept", "sizes")}
+    meta = {k: v for k, v in meta.items() if k not in ("kept", "sizes", "effective_kept")}
     return force_core.MaskSet(masks, meta)
 
 

@@ -21,7 +21,7 @@ from pipeline.errors import BadInputError, ParityError, UnsupportedOperatorError
 from stages.onnx_convert import runtime
 from stages.onnx_convert.model_io import load_checked
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
-from stages.onnx_convert.passes import normalize
+from stages.onnx_convert.passes import explicit_bias, normalize
 from stages.onnx_convert.passes._graph import real_inputs
 from stages.onnx_convert.to_torch import to_torch
 
@@ -50,13 +50,14 @@ class ImportResult:
 
 
 def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, parity_tol: float = 1e-4,
-                image_size: tuple[int, int] | None = None) -> ImportResult:
-    """Check, normalise, convert and compare; nothing is written unless every step succeeds."""
+                image_size: tuple[int, int] | None = None, train_norm: bool = False) -> ImportResult:
+    """Check, normalise, convert and compare; nothing is written unless every step succeeds. `train_norm`:
+    bias-less layers that train-time normalization will fold into get an explicit zero bias."""
     model_path = Path(model_path)
     model = load_checked(model_path)
     source_sha = sha256_file(model_path)
     source = copy.deepcopy(model)
-    changes = tuple(normalize(model))
+    changes = tuple(normalize(model)) + (tuple(explicit_bias.run(model)) if train_norm else ())
     if model.ByteSize() < _EXTERNAL_DATA_BYTES:
         try:
             onnx.checker.check_model(model)

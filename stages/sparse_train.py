@@ -7,6 +7,7 @@ data, and calls it. Imports pipeline and force_core only (no prefect, no click, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from force_core import MaskEnforcer
+from force_core import MaskEnforcer, TrainNorm, add_train_norm, fold_train_norm
 from pipeline.artifacts import atomic_path, write_json_atomic
 from pipeline.config import CompressConfig
 from pipeline.data import DataSplits, TensorImageDataset, load_data, make_loader
@@ -56,6 +57,7 @@ class TrainResult:
     device: str
     world_size: int
     seconds: float
+    train_norm_layers: tuple[str, ...] = ()  # initializer names of the weights that trained with a BatchNorm
 
 
 # ------------------------------------------------------------------------------------------ masks held
@@ -237,12 +239,15 @@ def train_module(
     progress: bool = True,
     max_epochs_this_call: int | None = None,
     plot: bool = True,
+    train_norms: list[TrainNorm] | None = None,
 ) -> TrainResult:
     """Train `module` in place on `splits.train` for `config.epochs` with `masks` (bool, keyed by parameter name;
     a force_core MaskSet is such a mapping) held exactly, resuming from run_dir/checkpoint.pt when it matches.
 
     Under torchrun (WORLD_SIZE > 1) it runs DDP (gloo on CPU, NCCL on CUDA), each rank taking
-    batch_size / world_size images of every global batch; only rank 0 writes files."""
+    batch_size / world_size images of every global batch; only rank 0 writes files. `train_norms` (from
+    force_core.add_train_norm on `module`) are folded into their layers in trained.pt, which then fits the
+    module without them."""
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     rank, world, local_rank = _dist_env()
@@ -379,6 +384,7 @@ def train_module(
             write_json_atomic(hist_path, {"fingerprint": fingerprint, "epochs": history})
         if done:
             state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+            state = fold_train_norm(state, train_norms or [])
             with atomic_path(state_path) as tmp:
                 torch.save(state, tmp)
             if plot and history:
@@ -451,10 +457,13 @@ def sparse_train(
     module, param_map = load_module(normalized_path)
     maskset = load_masks(masks_path, param_map)
     shape, num_classes = model_io(normalized_path, config.image_size, module)
+    norms = add_train_norm(module) if config.train_norm else []
     splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
                        seed=config.seed, augment=config.augment)
     result = train_module(module, maskset, splits, config, run_dir, progress=progress,
-                          max_epochs_this_call=max_epochs_this_call)
+                          max_epochs_this_call=max_epochs_this_call, train_norms=norms)
+    layers = tuple(param_map.to_initializer(f"{n.layer}.weight") for n in norms)
+    result = dataclasses.replace(result, train_norm_layers=layers)
     if int(os.environ.get("RANK", 0)) == 0:
         write_json_atomic(Path(run_dir) / "train_result.json",
                           {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},

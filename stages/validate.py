@@ -60,6 +60,10 @@ class ValidationReport:
     sizes: dict  # bytes: input, exported, dense, dense_gzip, sparse_initializers, sparse_initializers_gzip
     checks: tuple[GateCheck, ...]
     baseline_accuracy: float | None = None
+    effective_density: float | None = None  # from the masks' sidecar: kept weights on an input→output path / all
+    cut_layers: tuple[str, ...] = ()  # initializers with no kept weight on any path (masks.json)
+    train_norm_layers: tuple[str, ...] = ()  # weights that trained with a train-time BatchNorm (masks.json)
+    collapse_step: int | None = None  # FORCE's pruning step that found the network collapsed (masks.json)
 
     @property
     def passed(self) -> bool:
@@ -87,6 +91,7 @@ def validate(
     normalized_path: str | Path | None = None,
     state_path: str | Path | None = None,
     history_path: str | Path | None = None,
+    masks_path: str | Path | None = None,
     reference=None,
     val=None,
     latency_runs: int = 30,
@@ -96,7 +101,8 @@ def validate(
     The torch side of the parity check is `reference` when given, else the module rebuilt from
     `normalized_path` with the trained `state_path` loaded (what export wrote back), else the module
     converted from the exported file itself. `val` is the held-out dataset of (image, label) pairs;
-    default: `pipeline.data.load_data(config.data, ...).val`, the same split training held out.
+    default: `pipeline.data.load_data(config.data, ...).val`, the same split training held out. The effective
+    density and cut layers come from the sidecar (masks.json) of `masks_path`, when given.
     """
     from stages.onnx_convert import runtime
 
@@ -147,6 +153,7 @@ def validate(
         sizes=sizes,
         checks=tuple(checks),
         baseline_accuracy=config.baseline_accuracy,
+        **_from_masks_sidecar(masks_path),
     )
     history = _read_history(history_path)
     write_plot(report, history, report.report_png)
@@ -165,7 +172,22 @@ def load_report(path: str | Path) -> ValidationReport:
     )
     d["sparsity"] = FileSparsity(layers, s["prunable_total"], s["prunable_zeros"], s["params_total"], s["params_zeros"])
     d["checks"] = tuple(GateCheck(**c) for c in d["checks"])
+    d["cut_layers"] = tuple(d.get("cut_layers", ()))
+    d["train_norm_layers"] = tuple(d.get("train_norm_layers", ()))
     return ValidationReport(**d)
+
+
+def _from_masks_sidecar(masks_path) -> dict:
+    """effective_density, cut_layers, train_norm_layers and collapse_step from masks.json beside `masks_path`
+    (each absent in older sidecars)."""
+    side = Path(masks_path).with_suffix(".json") if masks_path else None
+    if side is None or not side.exists():
+        return {}
+    meta = json.loads(side.read_text())
+    out = {"train_norm_layers": tuple(meta.get("train_norm_layers", ())), "collapse_step": meta.get("collapse_step")}
+    if "effective_density" in meta:
+        out.update(effective_density=meta["effective_density"], cut_layers=tuple(meta.get("cut_layers", ())))
+    return out
 
 
 # --- reading the file -------------------------------------------------------------------------------------
@@ -415,6 +437,7 @@ def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
         f"| top-1 / top-5 (held-out, {report.n_val} images) | {report.top1:.4f} / {report.top5:.4f} |",
         f"| sparsity of prunable weights | {s.sparsity:.4f} ({s.prunable_zeros:,} of {s.prunable_total:,} zero) |",
         f"| sparsity of all parameters | {s.params_sparsity:.4f} ({s.params_zeros:,} of {s.params_total:,} zero) |",
+        *_mask_rows(report),
         f"| torch ↔ onnxruntime max abs / rel difference | {report.parity_max_abs:.2e} / {report.parity_max_rel:.2e} |",
         "",
         "## What the sparsity buys",
@@ -443,6 +466,23 @@ def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
         for l in s.layers
     ]
     return "\n".join(lines) + "\n"
+
+
+def _mask_rows(report: ValidationReport) -> list[str]:
+    rows = []
+    if report.effective_density is not None:
+        cut = ", ".join(f"`{n}`" for n in report.cut_layers) or "none"
+        rows += [f"| effective density (kept weights on an input→output path, of all prunable) "
+                 f"| {report.effective_density:.4f} |", f"| layers with no kept weight on a path | {cut} |"]
+    if report.train_norm_layers:
+        names = ", ".join(f"`{n}`" for n in report.train_norm_layers[:8])
+        more = f" and {len(report.train_norm_layers) - 8} more" if len(report.train_norm_layers) > 8 else ""
+        rows.append(f"| train-time BatchNorm (BatchNorm-fused layers; folded back at export) "
+                    f"| {len(report.train_norm_layers)} layers: {names}{more} |")
+    if report.collapse_step is not None:
+        rows.append(f"| FORCE collapse guard | the network was nearly cut at pruning step {report.collapse_step}: "
+                    f"nested selection from the mask before it |")
+    return rows
 
 
 def layer_table(report: ValidationReport) -> list[dict]:

@@ -37,6 +37,9 @@ def test_compress_without_prefect_publishes_and_prints_one_json_summary(tiny_at_
     summary = json.loads(r.stdout)  # stdout holds the summary and nothing else
     assert summary["published"] and summary["version"] == "v1" and summary["exit_code"] == 0
     assert summary["sparsity"] >= 0.9 - 1 / 1928 and summary["top1"] >= 0.15
+    report = json.loads((tmp_path / summary["run_dir"] / "report.json").read_text())
+    assert 0 < summary["effective_density"] == report["effective_density"] <= 1 - summary["sparsity"] + 1e-9
+    assert report["cut_layers"] == [] and "effective density" in (tmp_path / report["report_md"]).read_text()
     assert list(summary["stage_seconds"]) == ["import", "masks", "sparse-train", "export", "validate", "publish"]
     for i, stage in enumerate(summary["stage_seconds"], 1):
         assert f"[{i}/6] {stage}" in r.stderr

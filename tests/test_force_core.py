@@ -14,7 +14,7 @@ import force_core
 from force_core import MaskEnforcer, MaskSet, compute_masks, density_schedule, kept_count
 from force_core.methods import force as force_method
 from force_core.methods import iter_snip as iter_snip_method
-from force_core.select import keep_top_k_, sample_indices, tie_priority
+from force_core.select import TiePriority, _count, _flatnonzero, keep_top_k_, sample_indices, tie_priority
 
 METHODS = ["random", "magnitude", "snip", "iter_snip", "force", "grasp", "synflow"]
 
@@ -361,6 +361,68 @@ def test_exact_selection_matches_stable_sort_on_large_inputs(kind):
     ref = torch.zeros(n, dtype=torch.bool)
     ref[torch.sort(s, descending=True, stable=True).indices[:3000]] = True
     assert torch.equal(out, ref), kind
+
+
+@pytest.mark.parametrize("kind", ["zeros", "few_values", "all_zero"])
+def test_regenerated_tie_priority_selects_as_the_stored_one(kind):
+    # The engine's priority is regenerated (whole prefix, or the few chunks holding a handful of tied entries),
+    # never stored: the same selection, bit for bit, as the stored stream and as full stable sorts.
+    g = torch.Generator().manual_seed(11)
+    n = 700_001
+    s = torch.rand(n, generator=g)
+    if kind == "zeros":
+        s[torch.rand(n, generator=g) < 0.6] = 0
+    elif kind == "few_values":
+        s = torch.randint(0, 40, (n,), generator=g).float()
+    else:
+        s = torch.zeros(n)
+    stored, regenerated, sample = tie_priority(n, "cpu", seed=3), TiePriority(3), sample_indices(n, "cpu")
+    order = stable_order(s, stored)
+    a, b = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+    for k in [1, 4000, 350_000, 600_000, n - 1]:
+        keep_top_k_(s, k, a, sample, stored)
+        keep_top_k_(s.clone(), k, b, sample, regenerated, work=torch.empty(n))
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[order[:k]] = True
+        assert torch.equal(a, ref) and torch.equal(b, ref), (kind, k)
+
+
+def test_tie_priority_regenerated_by_chunks_is_the_stream():
+    n = 3 * 65536 + 123
+    ref, p = tie_priority(n, "cpu", seed=2), TiePriority(2)
+    idx = torch.tensor([5, 70_000, 70_001, 150_000, n - 1])
+    assert torch.equal(p.at(idx), ref[idx])  # walks the stream up to the last chunk
+    assert torch.equal(p(torch.empty(n)), ref)
+    assert torch.equal(p.at(idx[:3]), ref[idx[:3]]) and p.at(idx[:0]).numel() == 0
+    assert torch.equal(p(torch.empty(1000)), ref[:1000])
+    assert torch.equal(p(torch.empty(n, dtype=torch.float64)), ref.double())
+
+
+@pytest.mark.parametrize("n,offset", [(11, 0), (3 * 2040 + 17, 0), (100_003, 0), (100_003, 3)])
+def test_word_level_count_and_nonzero_match_torch(n, offset):
+    g = torch.Generator().manual_seed(n + offset)
+    for density in [0.0, 0.002, 0.05, 0.5, 1.0]:
+        b = (torch.rand(n + offset, generator=g) < density)[offset:]
+        assert _count(b) == int(torch.count_nonzero(b)), density
+        assert torch.equal(_flatnonzero(b), b.nonzero().squeeze(1)), density
+
+
+def test_masked_weights_follow_each_selection_in_the_layout_of_theta0():
+    # A selection borrows the masked weights' storage for its temporaries; their next use gives θ0⊙m again,
+    # with θ0's strides (a channels_last model stays channels_last).
+    model = small_cnn().to(memory_format=torch.channels_last)
+    seen = []
+
+    def check(ctx):
+        for _, _, k in ctx.schedule():
+            ctx.connection_sensitivity()
+            ctx.keep_top(k)
+            pairs = zip(ctx.masked_weights, ctx.theta0, ctx.mask_views, strict=True)
+            seen.append(all(torch.equal(w, t * m) and w.stride() == t.stride() for w, t, m in pairs))
+
+    force_core.register_method("test_refresh_after_selection", default_steps=3)(check)
+    compute_masks(model, [batch()], method="test_refresh_after_selection", density=0.05)
+    assert seen == [True] * 3
 
 
 def test_ties_spread_over_layers_not_to_the_first():

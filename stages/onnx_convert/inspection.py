@@ -47,6 +47,20 @@ def inspect_model(path: str | os.PathLike, *, try_import: bool = True,
                 r = import_onnx(path, Path(tmp), image_size=image_size)
                 info["import"] = {"ok": True, "changes": list(r.changes), "parity_max_rel": r.parity_max_rel,
                                   "num_classes": r.num_classes, "input_shape": list(r.input_shape)}
+                info["effective"] = file_effective_sparsity(r.normalized_path, r.input_shape)
             except ForceCompressError as e:
                 info["import"] = {"ok": False, "error": str(e), "error_type": type(e).__name__}
     return info
+
+
+def file_effective_sparsity(normalized_path: str | os.PathLike, input_shape: tuple[int, ...]) -> dict:
+    """Effective sparsity of the file's own zeros (mask = prunable weight != 0), keyed by initializer name as in
+    masks.json: which of the non-zero weights lie on an input→output path."""
+    import force_core
+    from stages.compute_masks import effective_sidecar
+    from stages.import_onnx import load_module
+
+    module, param_map = load_module(normalized_path)
+    params = dict(module.named_parameters())
+    masks = {n: params[n].detach() != 0 for n in param_map.prunable}
+    return effective_sidecar(force_core.effective_sparsity(module, masks, input_shape), param_map)

@@ -1,0 +1,146 @@
+"""Train-time normalization for networks whose BatchNorm was folded into the layers at export.
+
+An eval-mode export (TorchScript with constant folding, the dynamo exporter) folds every BatchNorm into its
+convolution, and the network left trains badly from scratch (issue 11: the loss sits at ln C from the first
+epoch). `add_train_norm` gives each such layer back a BatchNorm that is the identity at the start (γ=1, β=0,
+running mean 0, variance 1), so masks are computed and training runs with batch statistics as the paper's
+networks do; `fold_train_norm` folds it into the layer's weight and bias afterwards, so the exported graph keeps
+exactly the input's nodes and a pruned weight stays exactly 0 (0·scale = 0).
+
+Works on any `torch.fx.GraphModule` (onnx2torch's output is one). Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+# A layer followed by one of these already has its normalization.
+_NORMS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_BN_FOR_CONV = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SUFFIX = "__train_norm"
+_EPS = nn.BatchNorm2d(1).eps  # every inserted BatchNorm keeps torch's default epsilon
+
+
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dimension of a Linear's output, whatever its rank ((N, F) or (N, T, F))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and flat.shape[0] == 1:  # one sample has no batch statistics: use the running ones
+            return nn.functional.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias,
+                                            False, 0.0, self.eps).reshape(x.shape)
+        return super().forward(flat).reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class TrainNorm:
+    """One inserted normalization: `layer` is the module path of the Conv/Linear, `norm` of its BatchNorm."""
+
+    layer: str
+    norm: str
+
+
+def _layer_of(module: nn.Module) -> nn.Module | None:
+    """The Conv/Linear whose output is this module's output (onnx2torch may wrap a layer with a pad)."""
+    if isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    if isinstance(module, _ConvNd) and not module.transposed and module.weight.dim() - 2 in _BN_FOR_CONV:
+        return module
+    if isinstance(module, nn.Linear):
+        return module
+    return None
+
+
+def candidates(gm: fx.GraphModule) -> list[fx.Node]:
+    """call_module nodes of Conv/Linear layers that have a bias (what BatchNorm folding leaves), are not followed
+    by a normalization, do not share their weights with another layer, and do not feed the network's output
+    without another such layer in between (the classifier keeps its raw logits)."""
+    modules = dict(gm.named_modules())
+    layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and _layer_of(modules[n.target]) is not None]
+    counts: dict[int, int] = {}
+    for _, p in gm.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    out = []
+    for node in layer_nodes:
+        layer = _layer_of(modules[node.target])
+        if layer.bias is None or counts.get(id(layer.weight), 0) > 1 or counts.get(id(layer.bias), 0) > 1:
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _NORMS):
+            continue
+        if _reaches_output(node, set(layer_nodes)):
+            continue
+        out.append(node)
+    return out
+
+
+def _reaches_output(node: fx.Node, stops: set[fx.Node]) -> bool:
+    seen, todo = set(), list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stops:
+            continue
+        if n.op == "output":
+            return True
+        seen.add(n)
+        todo.extend(n.users)
+    return False
+
+
+def add_train_norm(gm: fx.GraphModule) -> list[TrainNorm]:
+    """Insert an identity-initialised BatchNorm after every `candidates` layer (in graph order), in place; the
+    BatchNorms are submodules named `<layer>__train_norm`, on the layer's device, and the layer's bias stops
+    requiring a gradient. Returns what was inserted."""
+    modules = dict(gm.named_modules())
+    added = []
+    for node in candidates(gm):
+        layer = _layer_of(modules[node.target])
+        features = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
+        norm_cls = _BN_FOR_CONV[layer.weight.dim() - 2] if isinstance(layer, _ConvNd) else FeatureBatchNorm
+        norm = norm_cls(features).to(device=layer.weight.device, dtype=layer.weight.dtype)
+        norm.train(gm.training)
+        # The BatchNorm subtracts the batch mean, so the layer's bias gets no gradient but float noise, which
+        # 1/√ε amplifies where a pruned channel is constant: it grows until the loss is NaN. It stays fixed
+        # (β trains the shift) and folds in at the end.
+        layer.bias.requires_grad_(False)
+        name = f"{node.target}{SUFFIX}".replace(".", "_")
+        gm.add_submodule(name, norm)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        added.append(TrainNorm(layer=_param_prefix(gm, layer), norm=name))
+    gm.recompile()
+    return added
+
+
+def _param_prefix(gm: nn.Module, layer: nn.Module) -> str:
+    return next(path for path, m in gm.named_modules() if m is layer)
+
+
+@torch.no_grad()
+def fold_train_norm(state: Mapping[str, torch.Tensor], norms: list[TrainNorm]) -> dict[str, torch.Tensor]:
+    """The state dict of the module without the inserted norms: each BatchNorm (eval statistics) folded into its
+    layer, W' = W·s and b' = (b − μ)·s + β with s = γ/√(σ² + ε) per output feature, in float64; exact zeros
+    of W stay exactly zero. The norm's own entries are dropped."""
+    out = dict(state)
+    for tn in norms:
+        w_key, b_key = f"{tn.layer}.weight", f"{tn.layer}.bias"
+        gamma, beta = out.pop(f"{tn.norm}.weight"), out.pop(f"{tn.norm}.bias")
+        mean, var = out.pop(f"{tn.norm}.running_mean"), out.pop(f"{tn.norm}.running_var")
+        out.pop(f"{tn.norm}.num_batches_tracked", None)
+        w, b = out[w_key], out[b_key]
+        scale = gamma.double() / torch.sqrt(var.double() + _EPS)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        out[w_key] = (w.double() * scale.reshape(shape)).to(w.dtype)
+        out[b_key] = ((b.double() - mean.double()) * scale + beta.double()).to(b.dtype)
+    return out
+
+
+__all__ = ["FeatureBatchNorm", "TrainNorm", "add_train_norm", "candidates", "fold_train_norm"]
