@@ -387,6 +387,34 @@ def test_regenerated_tie_priority_selects_as_the_stored_one(kind):
         assert torch.equal(a, ref) and torch.equal(b, ref), (kind, k)
 
 
+def test_ties_expected_by_the_schedule_need_no_regeneration_and_stay_exact():
+    # Ties on the same exact zeros at several steps of a schedule: after the first, the planned TiePriority
+    # answers them from what it kept, without regenerating the stream, bit for bit as the stored stream.
+    g = torch.Generator().manual_seed(5)
+    n = 600_000
+    s = torch.rand(n, generator=g)
+    s[torch.rand(n, generator=g) < 0.6] = 0  # about 240,000 non-zero scores: ties at 0 for the first four k
+    ks = [500_000, 400_000, 330_000, 250_000, 100_000]
+    stored, planned, sample = tie_priority(n, "cpu", seed=1), TiePriority(1), sample_indices(n, "cpu")
+    regenerated = []
+    fill = planned._fill
+    planned._fill = lambda buf, start: (regenerated.append(buf.numel()), fill(buf, start))[1]
+    a, b = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+    for i, k in enumerate(ks):
+        planned.plan(k, ks[i + 1 :])
+        keep_top_k_(s, k, a, sample, stored)
+        keep_top_k_(s.clone(), k, b, sample, planned, work=torch.empty(n))
+        assert torch.equal(a, b), k
+    assert regenerated == [n]  # the first tie only
+    s2 = s.clone()
+    s2[torch.rand(n, generator=g) < 0.3] = 0  # the ties have moved: what was kept cannot answer, still exact
+    for i, k in enumerate(ks):
+        planned.plan(k, ks[i + 1 :])
+        keep_top_k_(s if i == 0 else s2, k, a, sample, stored)
+        keep_top_k_((s if i == 0 else s2).clone(), k, b, sample, planned, work=torch.empty(n))
+        assert torch.equal(a, b), k
+
+
 def test_tie_priority_regenerated_by_chunks_is_the_stream():
     n = 3 * 65536 + 123
     ref, p = tie_priority(n, "cpu", seed=2), TiePriority(2)
