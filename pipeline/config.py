@@ -26,8 +26,9 @@ class CompressConfig(BaseModel):
     min_per_layer: int = Field(1, ge=0, description="weights every prunable layer keeps at least (0: none, as the "
                                                     "paper; an empty layer cuts every path through it)")
     on_collapse: Literal["nested", "none"] = Field(
-        "nested", description="FORCE, once the masked network stops depending on its input: nested = back to the "
-                              "last mask that did and Iterative SNIP's nested steps from there; none = the paper's")
+        "nested", description="FORCE, once the masked network is nearly cut (outputs spread over a batch < 1/10 of "
+                              "the dense network's): nested = back to the mask before and Iterative SNIP's nested "
+                              "steps from there; none = FORCE as published")
 
     data: str = Field("digits", description="data spec: digits | imagefolder:PATH | npz:PATH")
     image_size: tuple[int, int] | None = Field(None, description="H W for models with dynamic spatial size")
