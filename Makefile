@@ -8,13 +8,14 @@ FC := $(BIN)/force-compress
 MODEL ?= models/resnet18.onnx
 SPARSITY ?=
 METHOD ?=
+STRUCTURE ?=
 DATA ?=
 EPOCHS ?=
 DEVICE ?=
 REGISTRY ?=
 QUICK ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes compress serve clean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured compress serve clean
 
 install: $(BIN)/.installed
 
@@ -45,6 +46,9 @@ bench-accuracy: install
 bench-extremes: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_extremes.py
 
+bench-structured: install
+	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_structured.py
+
 # Any torchvision architecture at initialization, 10 classes at 32x32 (the digits default):
 # `make compress MODEL=resnet50.onnx` creates resnet50.onnx first when it does not exist.
 %.onnx: | install
@@ -52,7 +56,7 @@ bench-extremes: install
 
 compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
-		$(if $(METHOD),--method $(METHOD)) $(if $(DATA),--data $(DATA)) \
+		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) \
 		$(if $(REGISTRY),--registry $(REGISTRY))
 

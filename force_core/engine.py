@@ -8,6 +8,7 @@ Imports torch and the stdlib only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
@@ -441,15 +442,8 @@ def compute_masks(
     The model comes back exactly as found: parameters, buffers, gradients and train/eval modes.
     Masks are on the model's device; equal inputs on equal numerics give identical masks.
     """
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1] (kept fraction), got {density!r}")
+    check_run_args(density, schedule, steps, batches_per_step)
     spec = get_method(method)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(batches_per_step, int) or batches_per_step < 1:
-        raise ValueError(f"batches_per_step must be an integer >= 1, got {batches_per_step!r}")
     if isinstance(collapse_ratio, bool) or not isinstance(collapse_ratio, (int, float)) or not 0 <= collapse_ratio < 1:
         raise ValueError(f"collapse_ratio must be in [0, 1), got {collapse_ratio!r}")
     if on_collapse not in COLLAPSE_RULES:
@@ -476,10 +470,8 @@ def compute_masks(
     device = next(iter(prunable.values())).device
     stream = _Batches(batches, device)
 
-    modes = [(m, m.training) for m in model.modules()]
     started = time.perf_counter()
-    try:
-        model.train()  # batch statistics, as the reference computes masks
+    with training_mode(model):  # batch statistics, as the reference computes masks
         ctx = PruningContext(
             model,
             prunable,
@@ -496,9 +488,6 @@ def compute_masks(
             collapse_ratio=collapse_ratio,
         )
         spec.fn(ctx)
-    finally:
-        for m, training in modes:
-            m.training = training
     masks = dict(zip(ctx.names, ctx.mask_views, strict=True))
     meta = {
         "method": method,
@@ -515,15 +504,39 @@ def compute_masks(
         "k": k,
         "total": n_total,
         "seconds": round(time.perf_counter() - started, 3),
-        # Multi-step masks are bit-identical only under identical numerics (FORCE.md): record them.
-        "numerics": {
-            "torch": torch.__version__,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
+        "numerics": numerics(device),
     }
     return MaskSet(masks, meta)
+
+
+def check_run_args(density, schedule: str, steps, batches_per_step) -> None:
+    """The arguments every mask computation shares, checked with one ValueError each."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1] (kept fraction), got {density!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(batches_per_step, int) or batches_per_step < 1:
+        raise ValueError(f"batches_per_step must be an integer >= 1, got {batches_per_step!r}")
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module):
+    """The model in train mode for the block, every module's own mode restored after it, whatever happens."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def numerics(device) -> dict:
+    """Multi-step masks are bit-identical only under identical numerics (FORCE.md): what the sidecar records."""
+    return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
 
 
 __all__ = ["PruningContext", "compute_masks", "density_schedule", "kept_count"]

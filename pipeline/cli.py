@@ -67,10 +67,12 @@ def _echo_json(obj) -> None:
               help="BatchNorm-fused layers get a BatchNorm (batch statistics) while masks are computed")
 @click.option("--min-per-layer", type=int, default=_config_default("min_per_layer"), show_default=True,
               help="weights every prunable layer keeps at least (0: none, as the paper)")
+@click.option("--structure", type=click.Choice(["unstructured", "channel"]), default="unstructured", show_default=True,
+              help="single weights, or whole channels (masks.json then lists the kept channels of each group)")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
-              train_norm, min_per_layer, out):
+              train_norm, min_per_layer, structure, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     import tempfile
 
@@ -91,12 +93,12 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
             from pipeline.data import load_data, mask_batches
 
             splits = load_data(data, imported.input_shape, num_classes=imported.num_classes, seed=seed, augment=False)
-            n = mask_batch_count(method, steps, batches_per_step)
+            n = mask_batch_count(method, steps, batches_per_step, structure)
             batches = mask_batches(splits, batch_size, n, seed=seed)
         result = compute_masks_stage(imported.normalized_path, out, method=method, density=1.0 - sparsity,
                                      steps=steps, schedule=schedule, batches=batches,
                                      batches_per_step=batches_per_step, seed=seed, train_norm=train_norm,
-                                     min_per_layer=min_per_layer)
+                                     min_per_layer=min_per_layer, structure=structure)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")
@@ -221,12 +223,14 @@ def _config_options(fn):
     return fn
 
 
-def _stage_printer(total: int):
+def _stage_printer(names: tuple[str, ...]):
     """`run_stage` for the plain path: call the stage, then one line about it on stderr."""
-    from stages.run_all import STAGE_NAMES, call_stage, describe
+    from stages.run_all import call_stage, describe
+
+    total = len(names)
 
     def run_stage(stage):
-        index = STAGE_NAMES.index(stage.name) + 1 if stage.name in STAGE_NAMES else 0
+        index = names.index(stage.name) + 1 if stage.name in names else 0
         click.echo(f"[{index}/{total}] {stage.name} ...", err=True)
         t = time.perf_counter()
         result = call_stage(stage)
@@ -249,8 +253,14 @@ def _print_summary(summary: dict) -> None:
                f" (target {summary['target_sparsity']:g})  onnxruntime on {summary['provider']}")
     sizes = ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in z.items())
     click.echo(f"  sizes: {sizes}")
-    click.echo(f"  latency p50: input {lat['input']['p50']:.3f} ms, exported {lat['exported']['p50']:.3f} ms"
-               " (onnxruntime runs unstructured zeros at dense speed)")
+    ratio = lat.get("ratio", {})
+    verdict = f"; exported ÷ input {ratio['median']:.2f} ({ratio['verdict']})" if ratio else ""
+    click.echo(f"  latency p50: input {lat['input']['p50']:.3f} ms, exported {lat['exported']['p50']:.3f} ms{verdict}")
+    costs = summary.get("costs") or {}
+    if costs:
+        before, after = costs["input"], costs["exported"]
+        click.echo(f"  parameters {before['params']:,} → {after['params']:,} ({after['nonzero_params']:,} non-zero), "
+                   f"MACs per image {before['macs'] / 1e6:,.1f}M → {after['macs'] / 1e6:,.1f}M")
     stages = "  ".join(f"{k} {v:.1f}s" for k, v in summary.get("stage_seconds", {}).items())
     click.echo(f"  stages: {stages}; total {summary.get('seconds', 0):.1f}s")
     click.echo(f"  report: {summary['report_md']}")
@@ -288,7 +298,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     import traceback
 
     from pipeline.config import make_config
-    from stages.run_all import STAGE_NAMES, check_request, run_all
+    from stages.run_all import check_request, run_all, stage_names
 
     start = time.perf_counter()
     config = make_config(model=model, **fields)
@@ -298,7 +308,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     try:
         with quiet:
             if no_prefect:
-                summary = run_all(config, _stage_printer(len(STAGE_NAMES)), request=request).to_dict()
+                summary = run_all(config, _stage_printer(stage_names(config)), request=request).to_dict()
             else:
                 summary = _run_flow(config, request.run_dir)
     except ForceCompressError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import BadInputError
 
@@ -18,7 +18,11 @@ class CompressConfig(BaseModel):
 
     model: str = Field(description="path to the input ONNX classifier")
     sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of prunable weights to remove")
-    method: str = Field("force", description="mask method: force, iter_snip, snip, grasp, synflow, magnitude, random")
+    method: str = Field("force", description="mask method: force, iter_snip, snip, grasp, synflow, magnitude, random "
+                                             "(channel structure: force, iter_snip, snip, magnitude, random)")
+    structure: Literal["unstructured", "channel"] = Field(
+        "unstructured", description="unstructured: single weights (the paper's method; same dense file, zeros "
+                                    "inside); channel: whole channels, cut out of the graph (smaller, faster file)")
     steps: int = Field(20, ge=1, le=1000, description="pruning steps (iterative methods)")
     schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
     mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
@@ -58,14 +62,16 @@ class CompressConfig(BaseModel):
     registry: str = Field("registry", description="registry directory")
     runs_dir: str = Field("runs", description="where run directories go")
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
+    @model_validator(mode="after")
+    def _known_method(self) -> CompressConfig:
         from force_core import available_methods
 
-        if v not in available_methods():
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(available_methods()))}")
-        return v
+        known = available_methods(self.structure)
+        if self.method not in known:
+            kind = "" if self.structure == "unstructured" else f"{self.structure} "
+            raise ValueError(f"unknown {kind}method {self.method!r}; "
+                             f"choose one of {', '.join(sorted(known))}")
+        return self
 
     @property
     def density(self) -> float:
@@ -86,5 +92,7 @@ def make_config(**values) -> CompressConfig:
         return CompressConfig(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
+        if not first["loc"]:  # a check across fields: its message names them
+            raise BadInputError(first["msg"].removeprefix("Value error, ")) from None
         field = ".".join(str(p) for p in first["loc"]) or "config"
         raise BadInputError(f"invalid {field}: {first['msg']} (got {first.get('input')!r})") from None

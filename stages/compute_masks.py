@@ -46,17 +46,20 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         batches: Iterable | None = None, batches_per_step: int = 1, seed: int = 0,
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
                         on_collapse: str = "nested", collapse_ratio: float | None = None,
-                        min_per_layer: int = 0) -> MaskResult:
+                        min_per_layer: int = 0, structure: str = "unstructured") -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses).
     `min_per_layer`: weights every layer keeps at least, lowered to what k allows (fewer kept weights than
-    layers leave some layer empty whatever the method; the cut check reports it)."""
+    layers leave some layer empty whatever the method; the cut check reports it).
+    `structure="channel"`: whole channel groups (from the graph's dependency analysis) are kept or pruned; the
+    sidecar lists the kept channels of each group, which the cut stage removes from the graph."""
     import time
 
-    if method not in force_core.available_methods():
-        known = ", ".join(sorted(force_core.available_methods()))
-        raise BadInputError(f"unknown method {method!r}; choose one of {known}")
+    if method not in force_core.available_methods(structure):
+        known = ", ".join(sorted(force_core.available_methods(structure)))
+        kind = "" if structure == "unstructured" else f"{structure} "
+        raise BadInputError(f"unknown {kind}method {method!r}; choose one of {known}")
     if not 0.0 < density <= 1.0:
         raise BadInputError(f"density must be in (0, 1] (kept fraction), got {density}")
     batches = list(batches) if batches is not None else []
@@ -72,25 +75,26 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     n_weights = sum(p.numel() for n, p in module.named_parameters() if n in set(param_map.prunable))
     min_per_layer = min(min_per_layer, force_core.kept_count(density, n_weights) // max(1, len(param_map.prunable)))
     started = time.perf_counter()
-    try:
-        maskset = force_core.compute_masks(module, batches, method=method, density=density, steps=steps,
-                                           schedule=schedule, batches_per_step=batches_per_step,
-                                           params=param_map.prunable, seed=seed, progress=progress,
-                                           on_collapse=on_collapse, min_per_layer=min_per_layer,
-                                           **({} if collapse_ratio is None else {"collapse_ratio": collapse_ratio}))
-    except ValueError as e:  # force_core checks its arguments with ValueError: user input here
-        raise BadInputError(str(e)) from None
+    if structure == "channel":
+        maskset, channel_meta = _channel_masks(module, normalized_path, param_map, batches, method=method,
+                                               density=density, steps=steps, schedule=schedule,
+                                               batches_per_step=batches_per_step, seed=seed, progress=progress)
+    else:
+        maskset, channel_meta = _unstructured_masks(
+            module, param_map, batches, method=method, density=density, steps=steps, schedule=schedule,
+            batches_per_step=batches_per_step, seed=seed, progress=progress, on_collapse=on_collapse,
+            min_per_layer=min_per_layer, collapse_ratio=collapse_ratio)
     seconds = time.perf_counter() - started
     effective = force_core.effective_sparsity(module, maskset, batches[0][0])
     meta = {
-        "method": method, "target_density": density, "target_sparsity": 1.0 - density, "schedule": schedule,
-        "steps": steps, "seed": seed, "batches": len(batches), "batches_per_step": batches_per_step,
-        "source_sha256": sha256_file(normalized_path), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
-        "seconds": round(seconds, 3),
-        "min_per_layer": min_per_layer,
+        "method": method, "structure": structure, "target_density": density, "target_sparsity": 1.0 - density,
+        "schedule": schedule, "steps": steps, "seed": seed, "batches": len(batches),
+        "batches_per_step": batches_per_step, "source_sha256": sha256_file(normalized_path),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
+        "python": platform.python_version(), "seconds": round(seconds, 3), "min_per_layer": min_per_layer,
         "train_norm_layers": [param_map.to_initializer(f"{n.layer}.weight") for n in norms],
-        **{k: maskset.meta[k] for k in ("on_collapse", "collapse_step", "step_losses")},
+        **{k: maskset.meta.get(k) for k in ("on_collapse", "collapse_step", "step_losses")},
+        **channel_meta,
     }
     meta.update(effective_sidecar(effective, param_map))
     masks_path, meta_path, summary = save_masks(out_path, maskset, param_map, meta)
@@ -100,6 +104,85 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                       effective_density=effective.effective_density, cut_layers=tuple(meta["cut_layers"]))
 
 
+def _unstructured_masks(module, param_map: ParamMap, batches, *, collapse_ratio, **kwargs):
+    try:
+        maskset = force_core.compute_masks(module, batches, params=param_map.prunable, **kwargs,
+                                           **({} if collapse_ratio is None else {"collapse_ratio": collapse_ratio}))
+    except ValueError as e:  # force_core checks its arguments with ValueError: user input here
+        raise BadInputError(str(e)) from None
+    return maskset, {}
+
+
+def _channel_masks(module, normalized_path, param_map: ParamMap, batches, **kwargs):
+    """Channel masks over the groups the graph analysis finds; the sidecar entries that the cut stage reads."""
+    import onnx
+
+    from stages.onnx_convert.channel_deps import analyze_channels
+
+    model = onnx.load(str(normalized_path))
+    analysis = analyze_channels(model)
+    groups = torch_channel_groups(analysis, param_map, reading_axes(model))
+    blocked = [f"{b.node} ({b.op_type}): {b.reason}" for b in analysis.blocked]
+    if not groups:
+        why = f"; kept whole: {'; '.join(blocked[:3])}" if blocked else ""
+        raise BadInputError(f"--structure channel: {Path(normalized_path).name} has no channel that can be pruned"
+                            f"{why}; use --structure unstructured")
+    try:
+        result = force_core.compute_channel_masks(module, batches, groups, params=param_map.prunable, **kwargs)
+    except ValueError as e:  # force_core checks its arguments with ValueError: user input here
+        raise BadInputError(str(e)) from None
+    keep = {name: torch.nonzero(k).flatten().tolist() for name, k in result.keep.items()}
+    meta = {"channels": keep, "channel_sizes": {g.name: g.size for g in groups},
+            "channels_kept": sum(len(v) for v in keep.values()), "channels_total": sum(g.size for g in groups),
+            "blocked": blocked, **{k: v for k, v in result.meta.items()
+                                   if k in ("step_losses", "achieved_density", "unprunable_groups")}}
+    return result.masks, meta
+
+
+def reading_axes(model) -> dict[str, set[int]]:
+    """Initializer -> the axes of it that index a layer's INPUT channels (Conv: 1, and 0 of a depthwise weight,
+    whose output channel c reads input channel c; ConvTranspose: 0; Gemm/MatMul: the contracted axis)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out: dict[str, set[int]] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        w, shape = node.input[1], shapes[node.input[1]]
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Conv":
+            depthwise = attrs.get("group", 1) > 1 and len(shape) > 1 and shape[1] == 1
+            out[w] = {1, 0} if depthwise else {1}
+        elif node.op_type == "ConvTranspose":
+            out[w] = {0}
+        elif node.op_type == "Gemm":
+            out[w] = {1 if attrs.get("transB", 0) else 0}
+        elif node.op_type == "MatMul" and len(shape) >= 2:
+            out[w] = {len(shape) - 2}
+    return out
+
+
+def torch_channel_groups(analysis, param_map: ParamMap, reading: dict[str, set[int]]) -> list:
+    """The analysis' ONNX-level groups as force_core's: initializer slices become parameter slices (a transposed
+    import swaps the axes of a matrix), marked as consumers where they index a layer's input channels
+    (`reading_axes`); running statistics are left out, since masking never touches them."""
+    groups = []
+    for g in analysis.groups:
+        slices = []
+        for s in g.slices:
+            if s.kind == "stat" or s.initializer not in param_map.canonical:
+                continue
+            name = param_map.to_param(s.initializer)
+            entry = param_map.entries[name]
+            if entry.kind != "parameter":
+                continue
+            dim = (1 - s.axis) if entry.transpose else s.axis
+            consumer = s.kind == "weight" and s.axis in reading.get(s.initializer, ())
+            slices.append(force_core.ChannelSlice(name, dim, s.offset, s.block, consumer))
+        if slices:
+            groups.append(force_core.ChannelGroup(g.name, g.size, tuple(slices)))
+    return groups
+
+
 def effective_sidecar(effective: force_core.EffectiveSparsity, param_map: ParamMap) -> dict:
     """The sidecar's effective-sparsity entries, keyed by initializer name like `kept`."""
     return {"effective_kept": {param_map.to_initializer(n): k for n, k in effective.effective_kept.items()},
@@ -107,11 +190,11 @@ def effective_sidecar(effective: force_core.EffectiveSparsity, param_map: ParamM
             "cut_layers": [param_map.to_initializer(n) for n in effective.cut_layers]}
 
 
-def mask_batch_count(method: str, steps: int | None, batches_per_step: int) -> int:
+def mask_batch_count(method: str, steps: int | None, batches_per_step: int, structure: str = "unstructured") -> int:
     """How many mini-batches a mask computation uses: fresh ones at every step, as the reference code draws
     them (FORCE.md), so an iterative method takes steps × batches_per_step (cycled when fewer are given)."""
     try:
-        spec = force_core.registry.get_method(method)
+        spec = force_core.registry.get_method(method, structure)
     except ValueError:  # reported by compute_masks_stage
         return batches_per_step
     return (1 if spec.single_shot else (steps or spec.default_steps)) * batches_per_step

@@ -176,6 +176,8 @@ def _manifest(config, report, name, version, output_sha, content_hash, staging: 
             "provider": report.provider,
             "latency_ms": report.latency_ms,
             "sizes": report.sizes,
+            "structure": report.structure,
+            "costs": report.costs,
         },
         "versions": package_versions(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

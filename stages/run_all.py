@@ -25,6 +25,13 @@ from pipeline.errors import BadInputError, ForceCompressError, NetworkCutError
 STAGE_NAMES = ("import", "masks", "sparse-train", "export", "validate", "publish")
 
 
+def stage_names(config: CompressConfig) -> tuple[str, ...]:
+    """The stages a request runs, in order: a channel structure cuts the graph between masks and training."""
+    if config.structure == "channel":
+        return (*STAGE_NAMES[:2], "cut", *STAGE_NAMES[2:])
+    return STAGE_NAMES
+
+
 @dataclass(frozen=True)
 class Stage:
     """One call of a stage function: what `run_stage` receives. `outputs` are the files it writes; a
@@ -73,6 +80,8 @@ class RunSummary:
     stage_seconds: dict = field(default_factory=dict)
     report_md: str = ""
     effective_density: float | None = None  # kept weights on an input→output path / all prunable
+    structure: str = "unstructured"
+    costs: dict = field(default_factory=dict)  # {"input"|"exported": params, non-zero params, MACs per image}
 
     @property
     def exit_code(self) -> int:
@@ -140,7 +149,7 @@ def masks_stage(normalized_path: str, run_dir: str, config: CompressConfig, inpu
 
     splits = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
                        seed=config.seed, augment=False)
-    n = mask_batch_count(config.method, config.steps, config.mask_batches_per_step)
+    n = mask_batch_count(config.method, config.steps, config.mask_batches_per_step, config.structure)
     batches = mask_batches(splits, config.mask_batch_size, n, seed=config.seed)
     # disable=None: no carriage-return bar in non-terminal logs (CI jobs)
     bar = tqdm(total=config.steps, desc=f"masks ({config.method})", leave=False, unit="step", disable=None)
@@ -156,10 +165,23 @@ def masks_stage(normalized_path: str, run_dir: str, config: CompressConfig, inpu
             steps=config.steps, schedule=config.schedule, batches=batches,
             batches_per_step=config.mask_batches_per_step, seed=config.seed, progress=progress,
             device=resolve_device(config.device), train_norm=config.train_norm, on_collapse=config.on_collapse,
-            min_per_layer=config.min_per_layer,
+            min_per_layer=config.min_per_layer, structure=config.structure,
         )
     finally:
         bar.close()
+
+
+def cut_stage(normalized_path: str, masks_path: str, run_dir: str, config: CompressConfig, input_shape: tuple,
+              num_classes: int):
+    import torch
+
+    from pipeline.data import load_data
+    from stages.cut_channels import cut_stage as cut
+
+    splits = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
+                       seed=config.seed, augment=False)
+    images, _ = splits.train.batch(torch.arange(min(32, len(splits.train))))  # training images: proof only
+    return cut(normalized_path, masks_path, run_dir, images=images.numpy(), parity_tol=config.parity_tol)
 
 
 def train_stage(normalized_path: str, masks_path: str, run_dir: str, config: CompressConfig):
@@ -178,12 +200,11 @@ def export_stage(normalized_path: str, state_path: str, masks_path: str, run_dir
 
 
 def validate_stage(exported_path: str, run_dir: str, config: CompressConfig, normalized_path: str, state_path: str,
-                   masks_path: str | None,
-                   history_path: str | None):
+                   masks_path: str | None, history_path: str | None, uncut_path: str | None = None):
     from stages.validate import validate
 
     return validate(exported_path, config, run_dir, input_path=config.model, normalized_path=normalized_path,
-                    state_path=state_path, history_path=history_path, masks_path=masks_path)
+                    state_path=state_path, history_path=history_path, masks_path=masks_path, uncut_path=uncut_path)
 
 
 def publish_stage(run_dir: str, report, config: CompressConfig, masks_path: str):
@@ -221,17 +242,24 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         masks_path = str(masks.masks_path)
         if config.cut_check:
             check_cut(masks, config)
-        trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=normalized,
-                       masks_path=masks_path, run_dir=rd, config=config)
+        # A channel cut: training, export and validation work on the smaller graph, which trains dense.
+        graph, train_masks, uncut = normalized, masks_path, None
+        if config.structure == "channel":
+            cut = step("cut", cut_stage, [run_dir / "cut.onnx", run_dir / "cut_masks.npz"],
+                       normalized_path=normalized, masks_path=masks_path, run_dir=rd, config=config,
+                       input_shape=tuple(request.input_shape), num_classes=request.num_classes)
+            graph, train_masks, uncut = str(cut.cut_path), str(cut.masks_path), normalized
+        trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=graph,
+                       masks_path=train_masks, run_dir=rd, config=config)
         state_path = str(trained.state_path)
-        exported = step("export", export_stage, [run_dir / "model.sparse.onnx"], normalized_path=normalized,
-                        state_path=state_path, masks_path=masks_path, run_dir=rd, config=config,
+        exported = step("export", export_stage, [run_dir / "model.sparse.onnx"], normalized_path=graph,
+                        state_path=state_path, masks_path=train_masks, run_dir=rd, config=config,
                         source_sha256=request.source_sha256)
         history = str(trained.history_path) if trained.history_path else None
         report = step("validate", validate_stage, [run_dir / "report.json", run_dir / "report.md"],
                       exported_path=str(exported.out_path), run_dir=rd, config=config,
-                      normalized_path=normalized, state_path=state_path, masks_path=masks_path,
-                      history_path=history)
+                      normalized_path=graph, state_path=state_path, masks_path=masks_path,
+                      history_path=history, uncut_path=uncut)
         published = None
         if report.passed:
             published = step("publish", publish_stage, cache=False, run_dir=rd, report=report, config=config,
@@ -252,7 +280,8 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         registry_path=published.path if published else None, top1=report.top1, top5=report.top5,
         sparsity=report.sparsity.sparsity, target_sparsity=config.sparsity, provider=report.provider,
         sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=seconds,
-        report_md=report.report_md, effective_density=masks.effective_density,
+        report_md=report.report_md, effective_density=masks.effective_density, structure=config.structure,
+        costs=report.costs,
     )
     write_json_atomic(run_dir / "summary.json", summary.to_dict())
     return summary
@@ -314,6 +343,11 @@ def _describe(name: str, r: Any) -> str:
         kept = r.kept if isinstance(r.kept, int) else sum(r.kept.values())
         effective = "" if r.effective_density is None else f", effective {r.effective_density:.4f}"
         return f"density {r.density:.4f} ({kept} kept of {r.total}){effective}"
+    if name == "cut":
+        before, after = r.costs_before, r.costs_after
+        return (f"{r.channels_kept} of {r.channels_total} channels kept; parameters {before['params']:,} → "
+                f"{after['params']:,}, MACs {before['macs'] / 1e6:,.1f}M → {after['macs'] / 1e6:,.1f}M; "
+                f"parity with the masked model {r.parity_max_rel:.1e}")
     if name == "sparse-train":
         norm = f", train-time BatchNorm on {len(r.train_norm_layers)} fused layer(s)" if r.train_norm_layers else ""
         return (f"{r.epochs} epoch(s), train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, "

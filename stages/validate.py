@@ -11,7 +11,6 @@ import dataclasses
 import gzip
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from pipeline.artifacts import atomic_path, write_bytes_atomic, write_json_atomi
 from pipeline.config import CompressConfig
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, InvalidModelError
+from stages.latency import fixed_batch, paired_latency
+from stages.onnx_convert.costs import model_costs
 from stages.onnx_convert.sparsity import FileSparsity, LayerSparsity, file_sparsity
 
 ORT_DENSE_SPEED = (
@@ -64,6 +65,9 @@ class ValidationReport:
     cut_layers: tuple[str, ...] = ()  # initializers with no kept weight on any path (masks.json)
     train_norm_layers: tuple[str, ...] = ()  # weights that trained with a train-time BatchNorm (masks.json)
     collapse_step: int | None = None  # FORCE's pruning step that found the network collapsed (masks.json)
+    structure: str = "unstructured"
+    costs: dict = dataclasses.field(default_factory=dict)  # {"input"|"exported": Costs.to_dict()}
+    channels: dict = dataclasses.field(default_factory=dict)  # channel cut: kept/total channels, blocked nodes
 
     @property
     def passed(self) -> bool:
@@ -92,6 +96,7 @@ def validate(
     state_path: str | Path | None = None,
     history_path: str | Path | None = None,
     masks_path: str | Path | None = None,
+    uncut_path: str | Path | None = None,
     reference=None,
     val=None,
     latency_runs: int = 30,
@@ -102,7 +107,8 @@ def validate(
     `normalized_path` with the trained `state_path` loaded (what export wrote back), else the module
     converted from the exported file itself. `val` is the held-out dataset of (image, label) pairs;
     default: `pipeline.data.load_data(config.data, ...).val`, the same split training held out. The effective
-    density and cut layers come from the sidecar (masks.json) of `masks_path`, when given.
+    density and cut layers come from the sidecar (masks.json) of `masks_path`, when given. `uncut_path`: the
+    normalised model before a channel cut; sparsity and the costs' "input" column are then measured against it.
     """
     from stages.onnx_convert import runtime
 
@@ -129,11 +135,13 @@ def validate(
         reference = _reference_module(exported_path, normalized_path, state_path)
     parity_abs, parity_rel = parity(reference, session, input_name, first_batch)
 
-    latency = {
-        "input": _latency(runtime.session(input_path, device=device), input_shape, latency_runs),
-        "exported": _latency(session, input_shape, latency_runs),
-    }
+    latency = paired_latency(runtime.session(input_path, device=device), session, input_shape, runs=latency_runs)
     sizes = file_sizes(input_path, exported_path, model)
+    uncut = _load(Path(uncut_path)) if uncut_path is not None else None
+    costs = {"input": model_costs(uncut or _load(input_path), input_shape).to_dict(),
+             "exported": model_costs(model, input_shape).to_dict()}
+    if uncut is not None:  # a channel cut: sparsity counts what is gone from the uncut model's weights
+        sparsity = removed_sparsity(sparsity, file_sparsity(uncut))
     checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel)
 
     report = ValidationReport(
@@ -153,6 +161,8 @@ def validate(
         sizes=sizes,
         checks=tuple(checks),
         baseline_accuracy=config.baseline_accuracy,
+        structure="channel" if uncut is not None else "unstructured",
+        costs=costs,
         **_from_masks_sidecar(masks_path),
     )
     history = _read_history(history_path)
@@ -177,6 +187,18 @@ def load_report(path: str | Path) -> ValidationReport:
     return ValidationReport(**d)
 
 
+def removed_sparsity(cut: FileSparsity, uncut: FileSparsity) -> FileSparsity:
+    """The cut file's zeros counted against the uncut model: a removed channel's weights count as zeros. Layers
+    keep the uncut shapes (matched by initializer name, which the cut keeps), so per-layer density is the kept
+    fraction of the original layer."""
+    kept = {l.name: l.numel - l.zeros for l in cut.layers}
+    layers = tuple(LayerSparsity(l.name, l.op, l.shape, l.numel, l.numel - kept.get(l.name, 0)) for l in uncut.layers)
+    nonzero = cut.prunable_total - cut.prunable_zeros
+    params_nonzero = cut.params_total - cut.params_zeros
+    return FileSparsity(layers, uncut.prunable_total, uncut.prunable_total - nonzero, uncut.params_total,
+                        uncut.params_total - params_nonzero)
+
+
 def _from_masks_sidecar(masks_path) -> dict:
     """effective_density, cut_layers, train_norm_layers and collapse_step from masks.json beside `masks_path`
     (each absent in older sidecars)."""
@@ -185,6 +207,8 @@ def _from_masks_sidecar(masks_path) -> dict:
         return {}
     meta = json.loads(side.read_text())
     out = {"train_norm_layers": tuple(meta.get("train_norm_layers", ())), "collapse_step": meta.get("collapse_step")}
+    if meta.get("structure") == "channel":
+        out["channels"] = {k: meta[k] for k in ("channels_kept", "channels_total", "blocked") if k in meta}
     if "effective_density" in meta:
         out.update(effective_density=meta["effective_density"], cut_layers=tuple(meta.get("cut_layers", ())))
     return out
@@ -305,7 +329,7 @@ def onnx_accuracy(model_path: str | Path, dataset, *, device="cpu", threads: int
     from stages.onnx_convert import runtime
 
     session = runtime.session(model_path, device=device, threads=threads)
-    top1, top5, _ = _accuracy(session, session.get_inputs()[0].name, dataset, _session_fixed_batch(session))
+    top1, top5, _ = _accuracy(session, session.get_inputs()[0].name, dataset, fixed_batch(session))
     return top1, top5
 
 
@@ -347,30 +371,10 @@ def parity(reference, session, input_name: str, x: np.ndarray) -> tuple[float, f
     reference = reference.eval().to("cpu")
     with torch.no_grad():
         want = reference(torch.from_numpy(x)).float().numpy()
-    got = _run(session, input_name, x, _session_fixed_batch(session))
+    got = _run(session, input_name, x, fixed_batch(session))
     diff = float(np.max(np.abs(want - got))) if want.size else 0.0
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     return diff, diff / max(scale, 1e-12)
-
-
-def _session_fixed_batch(session) -> int | None:
-    d0 = session.get_inputs()[0].shape[0]
-    return d0 if isinstance(d0, int) and d0 > 0 else None
-
-
-def _latency(session, input_shape: tuple, runs: int, budget_s: float = 3.0) -> dict:
-    """p50/p90 milliseconds of one image through `session` (batch of one, or the fixed batch)."""
-    batch = _session_fixed_batch(session) or 1
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    name = session.get_inputs()[0].name
-    for _ in range(3):
-        session.run(None, {name: x})
-    times, start = [], time.perf_counter()
-    while len(times) < runs and (time.perf_counter() - start < budget_s or len(times) < 5):
-        t = time.perf_counter()
-        session.run(None, {name: x})
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "runs": len(times)}
 
 
 # --- the gate ---------------------------------------------------------------------------------------------
@@ -435,26 +439,27 @@ def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
         "| figure | value |",
         "| --- | --- |",
         f"| top-1 / top-5 (held-out, {report.n_val} images) | {report.top1:.4f} / {report.top5:.4f} |",
-        f"| sparsity of prunable weights | {s.sparsity:.4f} ({s.prunable_zeros:,} of {s.prunable_total:,} zero) |",
+        f"| sparsity of prunable weights | {s.sparsity:.4f} ({s.prunable_zeros:,} of {s.prunable_total:,} "
+        f"{'removed or zero' if report.structure == 'channel' else 'zero'}) |",
         f"| sparsity of all parameters | {s.params_sparsity:.4f} ({s.params_zeros:,} of {s.params_total:,} zero) |",
         *_mask_rows(report),
         f"| torch ↔ onnxruntime max abs / rel difference | {report.parity_max_abs:.2e} / {report.parity_max_rel:.2e} |",
         "",
-        "## What the sparsity buys",
+        "## What it buys",
         "",
-        "| | size | latency p50 / p90 (batch 1) |",
-        "| --- | --- | --- |",
-        f"| input model (dense) | {_mb(z['input'])} | {lat['input']['p50']:.3f} / {lat['input']['p90']:.3f} ms |",
-        f"| exported ({config.storage} storage) | {_mb(z['exported'])} "
+        "| | size | parameters (non-zero) | MACs per image | latency p50 / p90 (batch 1) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| input model | {_mb(z['input'])} | {_costs(report, 'input')} "
+        f"| {lat['input']['p50']:.3f} / {lat['input']['p90']:.3f} ms |",
+        f"| exported ({config.storage} storage) | {_mb(z['exported'])} | {_costs(report, 'exported')} "
         f"| {lat['exported']['p50']:.3f} / {lat['exported']['p90']:.3f} ms |",
-    ]
-    lines += [
-        f"| exported, dense initializers, gzipped | {_mb(z['dense_gzip'])} | – |",
-        f"| exported with sparse initializers | {_mb(z['sparse_initializers'])} | – |",
-        f"| sparse initializers, gzipped | {_mb(z['sparse_initializers_gzip'])} | – |",
+        f"| exported, dense initializers, gzipped | {_mb(z['dense_gzip'])} | | | – |",
+        f"| exported with sparse initializers | {_mb(z['sparse_initializers'])} | | | – |",
+        f"| sparse initializers, gzipped | {_mb(z['sparse_initializers_gzip'])} | | | – |",
         "",
-        ORT_DENSE_SPEED,
+        _latency_line(lat),
         "",
+        *([ORT_DENSE_SPEED, ""] if report.structure == "unstructured" else []),
         "## Per-layer density",
         "",
         "| initializer | op | shape | kept | density |",
@@ -468,8 +473,33 @@ def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _costs(report: ValidationReport, which: str) -> str:
+    c = report.costs.get(which)
+    if not c:
+        return "– | –"
+    return f"{c['params']:,} ({c['nonzero_params']:,}) | {c['macs'] / 1e6:,.1f} M"
+
+
+def _latency_line(lat: dict) -> str:
+    r = lat.get("ratio")
+    if not r:
+        return ""
+    return (f"Latency exported ÷ input, {lat['input']['runs']} interleaved runs each at batch {r['batch']}: median "
+            f"{r['median']:.3f} (p10–p90 {r['p10']:.3f}–{r['p90']:.3f}): **{r['verdict']}**.")
+
+
 def _mask_rows(report: ValidationReport) -> list[str]:
     rows = []
+    if report.structure == "channel":
+        ch = report.channels
+        if "channels_kept" in ch:
+            rows.append(f"| channels kept (channel structure, graph cut) | {ch['channels_kept']:,} of "
+                        f"{ch['channels_total']:,} prunable channels |")
+        blocked = ch.get("blocked") or []
+        if blocked:
+            more = f" and {len(blocked) - 5} more" if len(blocked) > 5 else ""
+            rows.append(f"| channels never pruned (operators the analysis keeps whole) | {len(blocked)}: "
+                        + "; ".join(f"`{b}`" for b in blocked[:5]) + f"{more} |")
     if report.effective_density is not None:
         cut = ", ".join(f"`{n}`" for n in report.cut_layers) or "none"
         rows += [f"| effective density (kept weights on an input→output path, of all prunable) "

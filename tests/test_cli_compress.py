@@ -52,7 +52,7 @@ def test_compress_through_the_prefect_flow_publishes(tiny_at_init, tmp_path):
     r = _cli([tiny_at_init, *TINY], tmp_path)
 
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "published tiny v1" in r.stdout and "dense speed" in r.stdout
+    assert "published tiny v1" in r.stdout and "exported ÷ input" in r.stdout
     assert _versions(tmp_path / "registry") == ["tiny/v1"]
     assert "stage validate" in r.stderr  # the run logger's progress lines
 
