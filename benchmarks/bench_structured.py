@@ -3,7 +3,7 @@ CPU, and accuracy on digits after the same training for unstructured FORCE, chan
 
 Speed: resnet18, resnet50, mobilenet_v2 and squeezenet1_1 (Concat) at 224×224 and 64×64, exported at
 initialization (1000 classes). Each goes through the pipeline's own stages: import_onnx → compute_masks_stage
-(channel FORCE, 20 steps, digits images resized to the input) → cut_stage (which proves the cut against the masked
+(channel FORCE, 20 steps, digits images resized to the input, channels in blocks of 8: the default) → cut_stage (which proves the cut against the masked
 model before anything is written). Dense and cut files then run side by side (interleaved rounds, ≥ 30 each) at
 batch 1 and 32; file size and MACs come from the files.
 
@@ -52,6 +52,7 @@ def quick_from_env() -> bool:
 
 def cut_cell(arch: str, size: int, sparsity: float) -> dict:
     """Export, import, channel FORCE masks and the proven cut of one network; cached in its work directory."""
+    from pipeline.config import CompressConfig
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_stage
@@ -72,7 +73,8 @@ def cut_cell(arch: str, size: int, sparsity: float) -> dict:
     splits = load_data("digits", (3, size, size), num_classes=1000, seed=0, augment=False)
     batches = mask_batches(splits, MASK_BATCH, MASK_STEPS, seed=0)
     masks = compute_masks_stage(base / "normalized.onnx", out / "masks.npz", method="force", density=1 - sparsity,
-                                steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel")
+                                steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel",
+                                channel_multiple=CompressConfig.model_fields["channel_multiple"].default)
     t_masks = time.perf_counter() - t0
     images = batches[0][0][:8].numpy()
     cut = cut_stage(base / "normalized.onnx", masks.masks_path, out, images=images)

@@ -69,10 +69,12 @@ def _echo_json(obj) -> None:
               help="weights every prunable layer keeps at least (0: none, as the paper)")
 @click.option("--structure", type=click.Choice(["unstructured", "channel"]), default="unstructured", show_default=True,
               help="single weights, or whole channels (masks.json then lists the kept channels of each group)")
+@click.option("--channel-multiple", type=int, default=_config_default("channel_multiple"), show_default=True,
+              help="channel structure: channels kept in blocks of this many per group")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
-              train_norm, min_per_layer, structure, out):
+              train_norm, min_per_layer, structure, channel_multiple, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     import tempfile
 
@@ -98,7 +100,8 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
         result = compute_masks_stage(imported.normalized_path, out, method=method, density=1.0 - sparsity,
                                      steps=steps, schedule=schedule, batches=batches,
                                      batches_per_step=batches_per_step, seed=seed, train_norm=train_norm,
-                                     min_per_layer=min_per_layer, structure=structure)
+                                     min_per_layer=min_per_layer, structure=structure,
+                                     channel_multiple=channel_multiple)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")

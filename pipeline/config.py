@@ -25,6 +25,8 @@ class CompressConfig(BaseModel):
                                     "inside); channel: whole channels, cut out of the graph (smaller, faster file)")
     steps: int = Field(20, ge=1, le=1000, description="pruning steps (iterative methods)")
     schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
+    channel_multiple: int = Field(8, ge=1, description="channel structure: channels are kept in blocks of this many "
+                                                       "per layer group (runtimes run 8 or 16 at a time)")
     mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
     mask_batch_size: int = Field(128, ge=1, description="images per pruning mini-batch")
     min_per_layer: int = Field(1, ge=0, description="weights every prunable layer keeps at least (0: none, as the "

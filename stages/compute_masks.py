@@ -46,14 +46,16 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         batches: Iterable | None = None, batches_per_step: int = 1, seed: int = 0,
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
                         on_collapse: str = "nested", collapse_ratio: float | None = None,
-                        min_per_layer: int = 0, structure: str = "unstructured") -> MaskResult:
+                        min_per_layer: int = 0, structure: str = "unstructured",
+                        channel_multiple: int = 1) -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses).
     `min_per_layer`: weights every layer keeps at least, lowered to what k allows (fewer kept weights than
     layers leave some layer empty whatever the method; the cut check reports it).
     `structure="channel"`: whole channel groups (from the graph's dependency analysis) are kept or pruned; the
-    sidecar lists the kept channels of each group, which the cut stage removes from the graph."""
+    sidecar lists the kept channels of each group, which the cut stage removes from the graph; `channel_multiple`:
+    they are kept in blocks of that many per group."""
     import time
 
     if method not in force_core.available_methods(structure):
@@ -78,7 +80,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     if structure == "channel":
         maskset, channel_meta = _channel_masks(module, normalized_path, param_map, batches, method=method,
                                                density=density, steps=steps, schedule=schedule,
-                                               batches_per_step=batches_per_step, seed=seed, progress=progress)
+                                               batches_per_step=batches_per_step, seed=seed, progress=progress,
+                                               multiple=channel_multiple)
     else:
         maskset, channel_meta = _unstructured_masks(
             module, param_map, batches, method=method, density=density, steps=steps, schedule=schedule,
@@ -134,8 +137,8 @@ def _channel_masks(module, normalized_path, param_map: ParamMap, batches, **kwar
     keep = {name: torch.nonzero(k).flatten().tolist() for name, k in result.keep.items()}
     meta = {"channels": keep, "channel_sizes": {g.name: g.size for g in groups},
             "channels_kept": sum(len(v) for v in keep.values()), "channels_total": sum(g.size for g in groups),
-            "blocked": blocked, **{k: v for k, v in result.meta.items()
-                                   if k in ("step_losses", "achieved_density", "unprunable_groups")}}
+            "blocked": blocked, "channel_multiple": result.meta["multiple"],
+            **{k: v for k, v in result.meta.items() if k in ("step_losses", "achieved_density", "unprunable_groups")}}
     return result.masks, meta
 
 

@@ -165,7 +165,7 @@ def masks_stage(normalized_path: str, run_dir: str, config: CompressConfig, inpu
             steps=config.steps, schedule=config.schedule, batches=batches,
             batches_per_step=config.mask_batches_per_step, seed=config.seed, progress=progress,
             device=resolve_device(config.device), train_norm=config.train_norm, on_collapse=config.on_collapse,
-            min_per_layer=config.min_per_layer, structure=config.structure,
+            min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
         )
     finally:
         bar.close()

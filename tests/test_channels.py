@@ -543,3 +543,27 @@ def test_cuda_gives_the_cpu_channels_for_one_step_methods():
                                      params=params)  # fmt: skip
         assert cuda.masks["3.weight"].device.type == "cuda"
         assert all(torch.equal(cpu.keep[n], cuda.keep[n].cpu()) for n in cpu.keep), method
+
+
+@pytest.mark.parametrize("multiple", [2, 4])
+def test_channels_are_kept_in_blocks_of_the_multiple_best_first(multiple):
+    model, groups, params = plain_net(seed=2)  # groups of 8 and 12 channels
+    values = torch.randperm(20, generator=torch.Generator().manual_seed(5)).float()
+    force_core.register_method(f"test_blocks_{multiple}", structure="channel", single_shot=True,
+                               needs_data=False)(given_scores(values))  # fmt: skip
+    result = compute_channel_masks(model, None, groups, method=f"test_blocks_{multiple}", density=0.35,
+                                   params=params, multiple=multiple)  # fmt: skip
+    assert result.meta["kept_weights"] <= kept_count(0.35, 1200) and result.meta["multiple"] == multiple
+    start = 0
+    for g in groups:
+        kept, scores = result.keep[g.name], values[start : start + g.size]
+        n = int(kept.sum())
+        assert n % multiple == 0 and n >= multiple
+        assert set(torch.nonzero(kept).flatten().tolist()) == set(torch.argsort(scores, descending=True)[:n].tolist())
+        start += g.size
+
+
+def test_groups_no_larger_than_the_multiple_are_kept_whole():
+    model, groups, params = plain_net()
+    with pytest.raises(ValueError, match="nothing is channel-prunable in blocks of 16"):
+        compute_channel_masks(model, None, groups, method="magnitude", density=0.5, params=params, multiple=16)

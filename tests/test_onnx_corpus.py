@@ -119,3 +119,30 @@ def test_corpus_round_trip(case_id, corpus_dir, tmp_path):
     kept = [(n.op_type, n.name) for n in source.graph.node if n.op_type not in FOLDED_OPS]
     assert [(n.op_type, n.name) for n in exported.graph.node if n.op_type not in FOLDED_OPS] == kept
     assert [o.name for o in exported.graph.output] == [o.name for o in source.graph.output]
+
+
+@pytest.mark.parametrize("case_id", [p for p in _params() if CASES[p.values[0]].error is None])
+def test_corpus_channel_cut(case_id, corpus_dir, tmp_path):
+    """`--structure channel` on every corpus model: random channel masks, then the cut proven against the masked
+    model under onnxruntime; or, where nothing can be cut, one clear line (exit 2), before anything is written."""
+    from stages.cut_channels import cut_stage
+
+    path = onnx_corpus.build(case_id, corpus_dir)
+    imported = import_onnx(path, tmp_path, train_norm=True)
+    try:
+        masks = compute_masks_stage(imported.normalized_path, tmp_path / "masks.npz", method="random", density=0.7,
+                                    structure="channel", device="cpu")
+    except pipeline.errors.BadInputError as e:
+        message = str(e)
+        assert "\n" not in message and ("no channel that can be pruned" in message or "largest reachable" in message)
+        assert not (tmp_path / "masks.npz").exists()
+        return
+    x = np.random.default_rng(0).standard_normal((4, *imported.input_shape)).astype(np.float32)
+    cut = cut_stage(imported.normalized_path, masks.masks_path, tmp_path, images=x)
+    assert cut.parity_max_rel <= 1e-4
+    assert cut.costs_after["prunable_weights"] < cut.costs_before["prunable_weights"]
+    model = onnx.load(str(cut.cut_path))
+    onnx.checker.check_model(model)
+    source = onnx.load(str(imported.normalized_path))
+    assert [i.name for i in model.graph.input] == [i.name for i in source.graph.input]
+    assert [o.name for o in model.graph.output] == [o.name for o in source.graph.output]
