@@ -3,15 +3,16 @@ CPU, and accuracy on digits after the same training for unstructured FORCE, chan
 
 Speed: resnet18, resnet50, mobilenet_v2 and squeezenet1_1 (Concat) at 224×224 and 64×64, exported at
 initialization (1000 classes). Each goes through the pipeline's own stages: import_onnx → compute_masks_stage
-(channel FORCE, 20 steps, digits images resized to the input, channels in blocks of 8: the default) → cut_stage (which proves the cut against the masked
-model before anything is written). Dense and cut files then run side by side (interleaved rounds, ≥ 30 each) at
-batch 1 and 32; file size and MACs come from the files.
+(channel FORCE, 20 steps, digits images resized to the input, channels in blocks of 8: the default) → cut_stage
+(which proves the cut against the masked model before anything is written). Dense and cut files then run side by
+side (interleaved rounds, ≥ 30 each) at batch 1 and 32; file size and MACs come from the files.
 
 Accuracy: the default model (resnet18, 32×32, 10 classes) through `run_all` with the default recipe (10 epochs)
 at 50% of the prunable weights removed.
 
     python benchmarks/bench_structured.py          # full
     QUICK=1 python benchmarks/bench_structured.py  # resnet18 only, 64×64, 30 rounds at batch 1 and 8
+    python benchmarks/bench_structured.py --archs resnet50 --sizes 224 --multiple 16   # one part, other blocks
 
 Writes benchmarks/results/bench_structured[_quick].md|json; per-run work under runs/bench_structured/ (kept: a
 rerun reuses finished cuts and accuracy runs).
@@ -43,6 +44,15 @@ ACCURACY_CELLS = (("unstructured", "force"), ("channel", "force"), ("channel", "
 ACCURACY_SPARSITY = 0.5
 
 
+def _default_multiple() -> int:
+    from pipeline.config import CompressConfig
+
+    return CompressConfig.model_fields["channel_multiple"].default
+
+
+DEFAULT_MULTIPLE = _default_multiple()
+
+
 def quick_from_env() -> bool:
     return os.environ.get("QUICK", "").strip() not in ("", "0", "false", "no")
 
@@ -50,9 +60,8 @@ def quick_from_env() -> bool:
 # --------------------------------------------------------------------------------------------- speed
 
 
-def cut_cell(arch: str, size: int, sparsity: float) -> dict:
+def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
     """Export, import, channel FORCE masks and the proven cut of one network; cached in its work directory."""
-    from pipeline.config import CompressConfig
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_stage
@@ -64,7 +73,7 @@ def cut_cell(arch: str, size: int, sparsity: float) -> dict:
     if not (base / "normalized.onnx").exists():
         export_torchvision(arch, dense, num_classes=1000, input_size=(size, size))
         import_onnx(dense, base)
-    out = base / f"channel-{sparsity:g}"
+    out = base / (f"channel-{sparsity:g}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}"))
     done = out / "cut.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -74,11 +83,12 @@ def cut_cell(arch: str, size: int, sparsity: float) -> dict:
     batches = mask_batches(splits, MASK_BATCH, MASK_STEPS, seed=0)
     masks = compute_masks_stage(base / "normalized.onnx", out / "masks.npz", method="force", density=1 - sparsity,
                                 steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel",
-                                channel_multiple=CompressConfig.model_fields["channel_multiple"].default)
+                                channel_multiple=multiple)
     t_masks = time.perf_counter() - t0
     images = batches[0][0][:8].numpy()
     cut = cut_stage(base / "normalized.onnx", masks.masks_path, out, images=images)
-    cell = {"arch": arch, "size": size, "sparsity": sparsity, "dense": str(dense), "cut": str(cut.cut_path),
+    cell = {"arch": arch, "size": size, "sparsity": sparsity, "multiple": multiple, "dense": str(dense),
+            "cut": str(cut.cut_path),
             "weights_removed": 1 - cut.costs_after["prunable_weights"] / cut.costs_before["prunable_weights"],
             "channels_kept": cut.channels_kept, "channels_total": cut.channels_total,
             "parity_max_rel": cut.parity_max_rel, "macs_dense": cut.costs_before["macs"],
@@ -132,13 +142,13 @@ def accuracy_cell(structure: str, method: str, sparsity: float) -> dict:
 # --------------------------------------------------------------------------------------------- report
 
 
-def render(speed: list[dict], accuracy: list[dict], elapsed: float, title: str) -> str:
+def render(speed: list[dict], accuracy: list[dict], elapsed: float, title: str, multiple: int) -> str:
     lines = [f"# bench-structured ({title})", "",
              f"onnxruntime CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
              f"{elapsed / 60:.1f} min. Latency: dense and cut files run in alternating rounds, median of each; "
              "ratio = cut ÷ dense per round, median with p10–p90. Masks: channel FORCE, 20 steps of "
-             f"{MASK_BATCH} digits images; each cut proven against its masked model (max relative difference "
-             "shown) before it is written.", "",
+             f"{MASK_BATCH} digits images, channels in blocks of {multiple}; each cut proven against its masked model "
+             "(max relative difference shown) before it is written.", "",
              "| model | input | weights removed | channels kept | batch | dense p50 ms | cut p50 ms | ratio (p10–p90) "
              "| file dense → cut MB | MACs dense → cut (M) | cut parity |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -172,24 +182,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", default=quick_from_env())
     ap.add_argument("--archs", nargs="*", default=None)
+    ap.add_argument("--sizes", nargs="*", type=int, default=None)
+    ap.add_argument("--sparsities", nargs="*", type=float, default=None)
+    ap.add_argument("--multiple", type=int, default=DEFAULT_MULTIPLE, help="channels kept in blocks of this many")
     ap.add_argument("--no-accuracy", action="store_true")
     args = ap.parse_args(argv)
     archs = args.archs or (["resnet18"] if args.quick else list(ARCHS))
     sizes, batches, rounds = ((64,), (1, 8), ROUNDS) if args.quick else (SIZES, BATCHES, ROUNDS)
-    tag = "_quick" if args.quick else ("_partial" if args.archs or args.no_accuracy else "")
+    sizes, sparsities = tuple(args.sizes or sizes), tuple(args.sparsities or SPARSITIES)
+    partial = args.archs or args.sizes or args.sparsities or args.no_accuracy or args.multiple != DEFAULT_MULTIPLE
+    tag = "_quick" if args.quick else ("_partial" if partial else "")
+    tag += "" if args.multiple == DEFAULT_MULTIPLE else f"_m{args.multiple}"
     t0 = time.perf_counter()
     speed = []
     for arch in archs:
         for size in sizes:
-            for sparsity in SPARSITIES:
-                cell = cut_cell(arch, size, sparsity)
+            for sparsity in sparsities:
+                cell = cut_cell(arch, size, sparsity, args.multiple)
                 cell["latency"] = [measure(cell, b, rounds) for b in batches]
                 speed.append(cell)
                 print(f"[{time.perf_counter() - t0:6.0f}s] {arch} {size} {sparsity:g}: removed "
                       f"{cell['weights_removed']:.3f}, ratios "
                       + ", ".join(f"b{m['batch']} {m['ratio_median']:.3f}" for m in cell["latency"]), flush=True)
     accuracy = []
-    if not args.no_accuracy and not args.quick:
+    if not partial and not args.quick:
         for structure, method in ACCURACY_CELLS:
             accuracy.append(accuracy_cell(structure, method, ACCURACY_SPARSITY))
             print(f"[{time.perf_counter() - t0:6.0f}s] accuracy {structure} {method}: {accuracy[-1]['top1']:.4f}",
@@ -198,7 +214,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"bench_structured{tag}.json").write_text(json.dumps({"speed": speed, "accuracy": accuracy}, indent=1))
     title = "QUICK" if args.quick else ("partial" if tag else "full")
-    (RESULTS / f"bench_structured{tag}.md").write_text(render(speed, accuracy, elapsed, title))
+    (RESULTS / f"bench_structured{tag}.md").write_text(render(speed, accuracy, elapsed, title, args.multiple))
     print((RESULTS / f"bench_structured{tag}.md").read_text())
     return 0
 

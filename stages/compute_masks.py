@@ -127,8 +127,11 @@ def _channel_masks(module, normalized_path, param_map: ParamMap, batches, **kwar
     groups = torch_channel_groups(analysis, param_map, reading_axes(model))
     blocked = [f"{b.node} ({b.op_type}): {b.reason}" for b in analysis.blocked]
     if not groups:
-        why = f"; kept whole: {'; '.join(blocked[:3])}" if blocked else ""
-        raise BadInputError(f"--structure channel: {Path(normalized_path).name} has no channel that can be pruned"
+        # the input's channels and the classifier's outputs are fixed in every model: name the other causes first
+        fixed = [b for b in analysis.blocked if b.op_type == "graph input" or "graph output" in b.reason]
+        causes = [f"{b.node} ({b.op_type}): {b.reason}" for b in analysis.blocked if b not in fixed] or blocked
+        why = f"; kept whole: {'; '.join(causes[:3])}" if causes else ""
+        raise BadInputError("--structure channel: the model has no channel that can be pruned"
                             f"{why}; use --structure unstructured")
     try:
         result = force_core.compute_channel_masks(module, batches, groups, params=param_map.prunable, **kwargs)
