@@ -149,7 +149,7 @@ def test_cuda_bf16_channels_last_keeps_masks_exact(tmp_path, splits):
 
 
 DDP_SCRIPT = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import tiny_cnn, random_masks, small_splits, cfg
@@ -157,7 +157,8 @@ from stages.sparse_train import train_module
 model = tiny_cnn(bn=False)
 res = train_module(model, random_masks(model, 0.25), small_splits(augment=False), cfg(epochs=2, lr=0.05),
                    sys.argv[1], progress=False)
-print("WORLD", res.world_size)
+if os.environ.get("RANK") == "0":  # one line: both ranks printing at once interleave their characters
+    print("WORLD", res.world_size)
 """
 
 
