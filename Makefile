@@ -9,6 +9,7 @@ MODEL ?= models/resnet18.onnx
 SPARSITY ?=
 METHOD ?=
 STRUCTURE ?=
+QUANTIZE ?=
 DATA ?=
 EPOCHS ?=
 DEVICE ?=
@@ -57,6 +58,7 @@ bench-structured: install
 compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) \
+		$(if $(QUANTIZE),--quantize $(QUANTIZE)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) \
 		$(if $(REGISTRY),--registry $(REGISTRY))
 

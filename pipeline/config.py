@@ -54,6 +54,9 @@ class CompressConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device (onnxruntime follows)")
 
     storage: Literal["dense", "sparse"] = Field("dense", description="exported weights: dense, or sparse_initializer")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="also publish an INT8 model (onnxruntime static quantization, QDQ, calibrated on "
+                            "training images), gated like the FP32 one")
     min_accuracy: float = Field(0.5, ge=0.0, le=1.0, description="gate: minimum top-1 on the held-out split")
     baseline_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="gate: accuracy to compare against")
     max_drop: float | None = Field(None, ge=0.0, le=1.0, description="gate: largest allowed drop from baseline")

@@ -51,12 +51,16 @@ class ExportResult:
     zeros_forced: int  # entries the mask zeroed that were not zero in the state dict
     external_data: bool
     ort_max_abs_diff: float  # onnxruntime: sparse file vs dense model (0.0 when storage is dense)
+    compact_path: Path | None = None  # the same model with sparse initializers, written when asked and smaller
 
 
 def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.PathLike | None,
                 out_path: str | os.PathLike, *, masks_path: str | os.PathLike | None = None,
-                storage: str = "dense", provenance: Mapping | None = None) -> ExportResult:
-    """`state_dict_path` None writes the normalised values unchanged (apply masks without training)."""
+                storage: str = "dense", provenance: Mapping | None = None,
+                compact_path: str | os.PathLike | None = None) -> ExportResult:
+    """`state_dict_path` None writes the normalised values unchanged (apply masks without training).
+    `compact_path`: also write the model with sparse initializers there, when that form is smaller, onnxruntime
+    loads it and its outputs equal the dense model's (checked as for `storage="sparse"`)."""
     if storage not in ("dense", "sparse"):
         raise BadInputError(f"storage must be 'dense' or 'sparse', got {storage!r}")
     out_path = Path(out_path)
@@ -89,6 +93,13 @@ def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.Pa
         else:
             tmp.write_bytes(sparse_bytes if storage == "sparse" else dense_bytes)
         diff = _prove_round_trip(tmp, dense_bytes, x, sparse=storage == "sparse", n_sparse=len(chosen))
+    compact = None
+    if compact_path is not None and storage == "dense" and chosen and sparse_bytes is not None \
+            and model.ir_version >= 6 and len(sparse_bytes) < len(dense_bytes):
+        compact = Path(compact_path)
+        with atomic_path(compact) as tmp:
+            tmp.write_bytes(sparse_bytes)
+            _prove_round_trip(tmp, dense_bytes, x, sparse=True, n_sparse=len(chosen))
     written = out_path.stat().st_size
     dense_size = len(dense_bytes) if dense_bytes is not None else written
     dense_gz = _gzip_len(dense_bytes) if dense_bytes is not None else 0
@@ -101,7 +112,7 @@ def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.Pa
         sparse_gzip_bytes=sparse_gz, sparse_initializers=tuple(chosen),
         n_initializers_written=stats["written"], n_pruned=stats["zeros"], n_prunable=stats["prunable"],
         density=1.0 - stats["zeros"] / stats["prunable"] if stats["prunable"] else 1.0,
-        zeros_forced=stats["forced"], external_data=external, ort_max_abs_diff=diff)
+        zeros_forced=stats["forced"], external_data=external, ort_max_abs_diff=diff, compact_path=compact)
 
 
 def write_values(model: onnx.ModelProto, param_map, state: Mapping[str, torch.Tensor],
@@ -144,17 +155,19 @@ def write_values(model: onnx.ModelProto, param_map, state: Mapping[str, torch.Te
     return stats
 
 
-def to_sparse_initializers(model: onnx.ModelProto, only: set[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `model` where each float initializer (in `only`, if given) whose sparse form is smaller
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def to_sparse_initializers(model: onnx.ModelProto, only: set[str] | None = None,
+                           dtypes: tuple[int, ...] = _FLOATS) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `model` where each initializer of `dtypes` (in `only`, if given) whose sparse form is smaller
     (values + int64 linear indices, so above roughly two-thirds zeros for float32) is a sparse_initializer."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     keep, chosen = [], []
     for t in graph.initializer:
-        if (only is not None and t.name not in only) or t.data_type not in (onnx.TensorProto.FLOAT,
-                                                                             onnx.TensorProto.DOUBLE,
-                                                                             onnx.TensorProto.FLOAT16):
+        if (only is not None and t.name not in only) or t.data_type not in dtypes:
             keep.append(t)
             continue
         value = numpy_helper.to_array(t)

@@ -21,22 +21,41 @@ def paired_latency(a, b, input_shape: tuple, *, batch: int = 1, runs: int = 30, 
     """{"input": {p50, p90, runs}, "exported": {…}, "ratio": {median, p10, p90, verdict}} in milliseconds for
     sessions `a` (input) and `b` (exported) at `batch` images (a fixed-batch session runs its own batch).
     At least 5 and up to `runs` rounds, fewer once `budget_s` is spent. `ratio` is exported ÷ input per round."""
-    feeds = [_feed(s, input_shape, batch) for s in (a, b)]
-    for s, feed in zip((a, b), feeds, strict=True):
+    first, second = interleaved_latency([a, b], input_shape, batch=batch, runs=runs, budget_s=budget_s,
+                                        warmup=warmup)
+    return {"input": first, "exported": {k: v for k, v in second.items() if k != "ratio"},
+            "ratio": {**second["ratio"], "batch": batch}}
+
+
+def interleaved_latency(sessions, input_shape: tuple, *, batch: int = 1, runs: int = 30, budget_s: float = 6.0,
+                        warmup: int = 3) -> list[dict]:
+    """One {p50, p90, runs} per session, timed in rounds that run every session once (the order rotating each
+    round); each after the first adds "ratio": its time ÷ the first session's, per round, as median/p10/p90 with
+    a verdict."""
+    feeds = [_feed(s, input_shape, batch) for s in sessions]
+    for s, feed in zip(sessions, feeds, strict=True):
         for _ in range(warmup):
             s.run(None, feed)
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in sessions]
+    n = len(sessions)
     start = time.perf_counter()
     while len(times[0]) < runs and (time.perf_counter() - start < budget_s or len(times[0]) < 5):
-        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)  # neither always runs first
-        for i in order:
+        shift = len(times[0]) % n  # no session always runs first
+        for i in (*range(shift, n), *range(shift)):
             t = time.perf_counter()
-            (a, b)[i].run(None, feeds[i])
+            sessions[i].run(None, feeds[i])
             times[i].append((time.perf_counter() - t) * 1e3)
-    ratios = np.asarray(times[1]) / np.asarray(times[0])
+    out = [_summary(t) for t in times]
+    for summary, t in zip(out[1:], times[1:], strict=True):
+        summary["ratio"] = ratio_of(t, times[0])
+    return out
+
+
+def ratio_of(times: list[float], reference: list[float]) -> dict:
+    """Per-round time ratios of two sessions timed in the same rounds: median, p10, p90 and a verdict."""
+    ratios = np.asarray(times) / np.asarray(reference)
     p10, med, p90 = (float(v) for v in np.percentile(ratios, [10, 50, 90]))
-    return {"input": _summary(times[0]), "exported": _summary(times[1]),
-            "ratio": {"median": med, "p10": p10, "p90": p90, "batch": batch, "verdict": ratio_verdict(med, p10, p90)}}
+    return {"median": med, "p10": p10, "p90": p90, "verdict": ratio_verdict(med, p10, p90)}
 
 
 def ratio_verdict(median: float, p10: float, p90: float) -> str:
@@ -53,4 +72,5 @@ def _feed(session, input_shape: tuple, batch: int) -> dict:
 
 
 def _summary(times: list[float]) -> dict:
-    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "runs": len(times)}
+    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "runs": len(times),
+            "times": [round(t, 4) for t in times]}

@@ -29,6 +29,8 @@ from pipeline.config import CompressConfig
 from pipeline.errors import BadInputError, GateFailedError
 
 MODEL_FILE = "model.onnx"
+# The other forms a version may hold beside the primary dense FP32 file (stages.model_forms roles).
+FORM_FILES = {"compact": "model.compact.onnx", "int8": "model.int8.onnx", "int8_compact": "model.int8.compact.onnx"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^v(\d+)$")
 
@@ -85,6 +87,8 @@ def publish(
 
     files = {MODEL_FILE: exported, "report.json": Path(report.report_json), "report.md": Path(report.report_md),
              "report.png": Path(report.report_png), "masks.npz": masks_path}
+    extra = {f["role"]: f for f in report.forms if f["role"] in FORM_FILES}
+    files.update({FORM_FILES[role]: Path(f["path"]) for role, f in extra.items()})
     sidecar = masks_path.with_suffix(".json")
     if sidecar.exists():
         files["masks.json"] = sidecar
@@ -93,7 +97,8 @@ def publish(
         raise BadInputError(f"cannot publish: missing run outputs {', '.join(missing)}")
 
     output_sha = sha256_file(exported)
-    content_hash = sha256_json({"model": output_sha, "masks": sha256_file(masks_path)})
+    content_hash = sha256_json({"model": output_sha, "masks": sha256_file(masks_path),
+                                **{role: f["sha256"] for role, f in sorted(extra.items())}})
     root = Path(config.registry) / name
     root.mkdir(parents=True, exist_ok=True)
 
@@ -153,6 +158,21 @@ def package_versions() -> dict:
     }
 
 
+def _artifacts(report) -> list[dict]:
+    """Each published form with what validation measured of it: the file a user picks by size or speed."""
+    out = []
+    for f in report.forms:
+        if f["role"] == "input":
+            continue
+        latency = {b: {k: v for k, v in t.items() if k in ("p50", "p90")} for b, t in f["latency_ms"].items()}
+        out.append({"file": MODEL_FILE if f["role"] == "fp32" else FORM_FILES[f["role"]], "role": f["role"],
+                    "primary": f["role"] == "fp32", "size": f["size"], "gzip_size": f["gzip_size"],
+                    "sha256": f["sha256"], "top1": f["top1"], "top5": f["top5"],
+                    "prunable_zeros": f["prunable_zeros"], "prunable_total": f["prunable_total"],
+                    "latency_ms": latency, "onnxruntime_loads": True})
+    return out
+
+
 def _manifest(config, report, name, version, output_sha, content_hash, staging: Path) -> dict:
     s = report.sparsity
     return {
@@ -161,6 +181,8 @@ def _manifest(config, report, name, version, output_sha, content_hash, staging: 
         "content_hash": content_hash,
         "source": {"path": str(Path(config.model).resolve()), "sha256": sha256_file(config.model)},
         "output": {"file": MODEL_FILE, "sha256": output_sha},
+        "primary": MODEL_FILE,
+        "artifacts": _artifacts(report),
         "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         "config": config.model_dump(mode="json"),
         "figures": {

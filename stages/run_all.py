@@ -26,10 +26,14 @@ STAGE_NAMES = ("import", "masks", "sparse-train", "export", "validate", "publish
 
 
 def stage_names(config: CompressConfig) -> tuple[str, ...]:
-    """The stages a request runs, in order: a channel structure cuts the graph between masks and training."""
+    """The stages a request runs, in order: a channel structure cuts the graph between masks and training, INT8
+    quantization comes between export and validation."""
+    names = list(STAGE_NAMES)
     if config.structure == "channel":
-        return (*STAGE_NAMES[:2], "cut", *STAGE_NAMES[2:])
-    return STAGE_NAMES
+        names.insert(names.index("sparse-train"), "cut")
+    if config.quantize == "int8":
+        names.insert(names.index("validate"), "quantize")
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class RunSummary:
     effective_density: float | None = None  # kept weights on an input→output path / all prunable
     structure: str = "unstructured"
     costs: dict = field(default_factory=dict)  # {"input"|"exported": params, non-zero params, MACs per image}
+    forms: list = field(default_factory=list)  # each form measured: role, file, size, gzip, top-1, p50 at batch 1/32
 
     @property
     def exit_code(self) -> int:
@@ -115,11 +120,14 @@ def check_request(config: CompressConfig) -> Request:
     from pipeline.devices import resolve_device
     from stages.onnx_convert.model_io import load_checked
     from stages.publish import check_model_name
+    from stages.quantize import check_not_quantized
     from stages.validate import classifier_io
 
     check_model_name(config.model_name)
     resolve_device(config.device)  # CUDA asked for but absent: exit 3 before any work
     model = load_checked(config.model)
+    if config.quantize == "int8":
+        check_not_quantized(model, Path(config.model).name)
     _, input_shape, num_classes = classifier_io(model, config.image_size)
     load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
               seed=config.seed, augment=False)
@@ -196,15 +204,33 @@ def export_stage(normalized_path: str, state_path: str, masks_path: str, run_dir
 
     provenance = {"source_sha256": source_sha256, "method": config.method, "sparsity": config.sparsity}
     return export_onnx(normalized_path, state_path, Path(run_dir) / "model.sparse.onnx", masks_path=masks_path,
-                       storage=config.storage, provenance=provenance)
+                       storage=config.storage, provenance=provenance, compact_path=Path(run_dir) / COMPACT_NAME)
+
+
+COMPACT_NAME = "model.compact.onnx"
+
+
+def quantize_stage(exported_path: str, run_dir: str, config: CompressConfig, input_shape: tuple, num_classes: int):
+    import torch
+
+    from pipeline.data import load_data
+    from stages.quantize import INT8_NAME, quantize_int8
+
+    splits = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
+                       seed=config.seed, augment=False)
+    n = min(256, len(splits.train))  # calibration: training images only, never the held-out split
+    images, _ = splits.train.batch(torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:n])
+    return quantize_int8(exported_path, Path(run_dir) / INT8_NAME, images.numpy())
 
 
 def validate_stage(exported_path: str, run_dir: str, config: CompressConfig, normalized_path: str, state_path: str,
-                   masks_path: str | None, history_path: str | None, uncut_path: str | None = None):
+                   masks_path: str | None, history_path: str | None, uncut_path: str | None = None,
+                   compact_path: str | None = None, int8_path: str | None = None, int8_info: dict | None = None):
     from stages.validate import validate
 
     return validate(exported_path, config, run_dir, input_path=config.model, normalized_path=normalized_path,
-                    state_path=state_path, history_path=history_path, masks_path=masks_path, uncut_path=uncut_path)
+                    state_path=state_path, history_path=history_path, masks_path=masks_path, uncut_path=uncut_path,
+                    compact_path=compact_path, int8_path=int8_path, int8_info=int8_info)
 
 
 def publish_stage(run_dir: str, report, config: CompressConfig, masks_path: str):
@@ -256,10 +282,19 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
                         state_path=state_path, masks_path=train_masks, run_dir=rd, config=config,
                         source_sha256=request.source_sha256)
         history = str(trained.history_path) if trained.history_path else None
+        int8_path, int8_info = None, None
+        if config.quantize == "int8":
+            quantized = step("quantize", quantize_stage, [run_dir / "model.int8.onnx"],
+                             exported_path=str(exported.out_path), run_dir=rd, config=config,
+                             input_shape=tuple(request.input_shape), num_classes=request.num_classes)
+            int8_path = str(quantized.out_path)
+            int8_info = {k: v for k, v in asdict(quantized).items() if k != "out_path"}
+        compact = str(exported.compact_path) if exported.compact_path else None
         report = step("validate", validate_stage, [run_dir / "report.json", run_dir / "report.md"],
                       exported_path=str(exported.out_path), run_dir=rd, config=config,
                       normalized_path=graph, state_path=state_path, masks_path=masks_path,
-                      history_path=history, uncut_path=uncut)
+                      history_path=history, uncut_path=uncut, compact_path=compact, int8_path=int8_path,
+                      int8_info=int8_info)
         published = None
         if report.passed:
             published = step("publish", publish_stage, cache=False, run_dir=rd, report=report, config=config,
@@ -281,10 +316,15 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         sparsity=report.sparsity.sparsity, target_sparsity=config.sparsity, provider=report.provider,
         sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=seconds,
         report_md=report.report_md, effective_density=masks.effective_density, structure=config.structure,
-        costs=report.costs,
+        costs=report.costs, forms=[_form_summary(f) for f in report.forms],
     )
     write_json_atomic(run_dir / "summary.json", summary.to_dict())
     return summary
+
+
+def _form_summary(form: dict) -> dict:
+    return {**{k: form[k] for k in ("role", "file", "size", "gzip_size", "top1", "sha256")},
+            **{f"p50_ms_batch{b}": t["p50"] for b, t in form["latency_ms"].items()}}
 
 
 # A mask set with fewer than this fraction of its kept weights on an input→output path (effective density /
@@ -353,7 +393,11 @@ def _describe(name: str, r: Any) -> str:
         return (f"{r.epochs} epoch(s), train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, "
                 f"{r.images_per_s:.0f} img/s{norm}")
     if name == "export":
-        return f"{Path(r.out_path).name}"
+        compact = f", {Path(r.compact_path).name} ({r.sparse_size_bytes / 1e6:.2f} MB)" if r.compact_path else ""
+        return f"{Path(r.out_path).name} ({r.size_bytes / 1e6:.2f} MB){compact}"
+    if name == "quantize":
+        left = f", {len(r.fp32_nodes)} node(s) left in FP32" if r.fp32_nodes else ""
+        return f"{Path(r.out_path).name} ({Path(r.out_path).stat().st_size / 1e6:.2f} MB){left}"
     if name == "validate":
         verdict = "gate passed" if r.passed else "gate FAILED: " + "; ".join(r.failures)
         return f"top-1 {r.top1:.4f}, sparsity {r.sparsity.sparsity:.4f} on {r.provider}; {verdict}"

@@ -23,7 +23,8 @@ from pipeline.artifacts import atomic_path, write_bytes_atomic, write_json_atomi
 from pipeline.config import CompressConfig
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, InvalidModelError
-from stages.latency import fixed_batch, paired_latency
+from stages.latency import fixed_batch
+from stages.model_forms import FORM_LABELS, Form, int8_sparse_form, measure_forms
 from stages.onnx_convert.costs import model_costs
 from stages.onnx_convert.sparsity import FileSparsity, LayerSparsity, file_sparsity
 
@@ -68,6 +69,8 @@ class ValidationReport:
     structure: str = "unstructured"
     costs: dict = dataclasses.field(default_factory=dict)  # {"input"|"exported": Costs.to_dict()}
     channels: dict = dataclasses.field(default_factory=dict)  # channel cut: kept/total channels, blocked nodes
+    forms: tuple[dict, ...] = ()  # every form measured (stages.model_forms): input, fp32, compact, int8, ...
+    int8: dict = dataclasses.field(default_factory=dict)  # the quantize stage's notes: FP32 nodes, CPU features
 
     @property
     def passed(self) -> bool:
@@ -97,6 +100,9 @@ def validate(
     history_path: str | Path | None = None,
     masks_path: str | Path | None = None,
     uncut_path: str | Path | None = None,
+    compact_path: str | Path | None = None,
+    int8_path: str | Path | None = None,
+    int8_info: dict | None = None,
     reference=None,
     val=None,
     latency_runs: int = 30,
@@ -109,6 +115,8 @@ def validate(
     default: `pipeline.data.load_data(config.data, ...).val`, the same split training held out. The effective
     density and cut layers come from the sidecar (masks.json) of `masks_path`, when given. `uncut_path`: the
     normalised model before a channel cut; sparsity and the costs' "input" column are then measured against it.
+    `compact_path` / `int8_path`: the other forms of the model (sparse initializers, INT8), measured with the same
+    code and gated too (`int8_info`: what the quantize stage reported).
     """
     from stages.onnx_convert import runtime
 
@@ -135,14 +143,26 @@ def validate(
         reference = _reference_module(exported_path, normalized_path, state_path)
     parity_abs, parity_rel = parity(reference, session, input_name, first_batch)
 
-    latency = paired_latency(runtime.session(input_path, device=device), session, input_shape, runs=latency_runs)
+    forms = [Form("input", input_path), Form("fp32", exported_path)]
+    forms += [Form("compact", Path(compact_path))] if compact_path else []
+    int8_info = dict(int8_info or {})
+    if int8_path:
+        forms.append(Form("int8", Path(int8_path)))
+        x = first_batch[: _fixed_batch(model) or len(first_batch)]
+        int8_compact, why = int8_sparse_form(Path(int8_path), run_dir / "model.int8.compact.onnx", x)
+        forms += [Form("int8_compact", int8_compact)] if int8_compact else []
+        int8_info["int8_sparse_initializers"] = why or "onnxruntime runs it with the INT8 file's outputs"
+    measured = measure_forms(forms, val, input_shape, device=device, runs=latency_runs)
+    latency = {"input": measured[0]["latency_ms"]["1"],
+               "exported": {k: v for k, v in measured[1]["latency_ms"]["1"].items() if k != "ratio"},
+               "ratio": {**measured[1]["latency_ms"]["1"]["ratio"], "batch": 1}}
     sizes = file_sizes(input_path, exported_path, model)
     uncut = _load(Path(uncut_path)) if uncut_path is not None else None
     costs = {"input": model_costs(uncut or _load(input_path), input_shape).to_dict(),
              "exported": model_costs(model, input_shape).to_dict()}
     if uncut is not None:  # a channel cut: sparsity counts what is gone from the uncut model's weights
         sparsity = removed_sparsity(sparsity, file_sparsity(uncut))
-    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel)
+    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel) + form_checks(config, measured)
 
     report = ValidationReport(
         exported_path=str(exported_path),
@@ -163,6 +183,8 @@ def validate(
         baseline_accuracy=config.baseline_accuracy,
         structure="channel" if uncut is not None else "unstructured",
         costs=costs,
+        forms=tuple(measured),
+        int8=int8_info,
         **_from_masks_sidecar(masks_path),
     )
     history = _read_history(history_path)
@@ -184,6 +206,7 @@ def load_report(path: str | Path) -> ValidationReport:
     d["checks"] = tuple(GateCheck(**c) for c in d["checks"])
     d["cut_layers"] = tuple(d.get("cut_layers", ()))
     d["train_norm_layers"] = tuple(d.get("train_norm_layers", ()))
+    d["forms"] = tuple(d.get("forms", ()))
     return ValidationReport(**d)
 
 
@@ -417,6 +440,40 @@ def gate(config: CompressConfig, *, top1: float, sparsity: FileSparsity, parity_
     return checks
 
 
+def form_checks(config: CompressConfig, forms: list[dict]) -> list[GateCheck]:
+    """The gate for the forms beside the primary file: each reaches the minimum accuracy; the INT8 file keeps every
+    pruned weight at exactly 0 and, with --max-drop, loses at most that much against the FP32 export."""
+    by_role = {f["role"]: f for f in forms}
+    fp32, checks = by_role["fp32"], []
+    for f in forms:
+        if f["role"] in ("input", "fp32"):
+            continue
+        label = FORM_LABELS[f["role"]]
+        ok = f["top1"] >= config.min_accuracy
+        checks.append(GateCheck(f"min_accuracy_{f['role']}", ok,
+                                f"{label}: top-1 {f['top1']:.4f} vs minimum {config.min_accuracy:.4f}"
+                                + ("" if ok else f" (short by {config.min_accuracy - f['top1']:.4f})")))
+    int8 = by_role.get("int8")
+    if int8 is not None:
+        lost = fp32["prunable_zeros"] - int8["prunable_zeros"]
+        ok = int8["prunable_total"] == fp32["prunable_total"] and lost <= 0
+        more = -lost if lost < 0 else 0
+        checks.append(GateCheck("int8_sparsity", ok,
+                                f"INT8 prunable weights at zero: {int8['prunable_zeros']:,} of "
+                                f"{int8['prunable_total']:,} vs FP32 {fp32['prunable_zeros']:,} of "
+                                f"{fp32['prunable_total']:,}"
+                                + (f" ({more:,} more rounded to 0)" if ok and more else "")
+                                + ("" if ok else " (pruned weights lost their zero)")))
+        if config.max_drop is not None:
+            drop = fp32["top1"] - int8["top1"]
+            ok = drop <= config.max_drop + 1e-12
+            checks.append(GateCheck("int8_max_drop", ok,
+                                    f"INT8 drop {drop:.4f} from the FP32 export's {fp32['top1']:.4f} vs allowed "
+                                    f"{config.max_drop:.4f}"
+                                    + ("" if ok else f" (over by {drop - config.max_drop:.4f})")))
+    return checks
+
+
 # --- the report -------------------------------------------------------------------------------------------
 
 
@@ -425,7 +482,7 @@ def _mb(n: int | None) -> str:
 
 
 def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
-    s, z, lat = report.sparsity, report.sizes, report.latency_ms
+    s, lat = report.sparsity, report.latency_ms
     verdict = "PASSED" if report.passed else "FAILED"
     lines = [
         f"# force-compress report: {config.model_name}",
@@ -445,19 +502,14 @@ def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
         *_mask_rows(report),
         f"| torch ↔ onnxruntime max abs / rel difference | {report.parity_max_abs:.2e} / {report.parity_max_rel:.2e} |",
         "",
-        "## What it buys",
+        "## What each form buys",
         "",
-        "| | size | parameters (non-zero) | MACs per image | latency p50 / p90 (batch 1) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| input model | {_mb(z['input'])} | {_costs(report, 'input')} "
-        f"| {lat['input']['p50']:.3f} / {lat['input']['p90']:.3f} ms |",
-        f"| exported ({config.storage} storage) | {_mb(z['exported'])} | {_costs(report, 'exported')} "
-        f"| {lat['exported']['p50']:.3f} / {lat['exported']['p90']:.3f} ms |",
-        f"| exported, dense initializers, gzipped | {_mb(z['dense_gzip'])} | | | – |",
-        f"| exported with sparse initializers | {_mb(z['sparse_initializers'])} | | | – |",
-        f"| sparse initializers, gzipped | {_mb(z['sparse_initializers_gzip'])} | | | – |",
+        *_forms_table(report),
+        "",
+        _costs_line(report) + _sparse_note(report),
         "",
         _latency_line(lat),
+        *_int8_lines(report),
         "",
         *([ORT_DENSE_SPEED, ""] if report.structure == "unstructured" else []),
         "## Per-layer density",
@@ -473,11 +525,60 @@ def render_markdown(report: ValidationReport, config: CompressConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _costs(report: ValidationReport, which: str) -> str:
-    c = report.costs.get(which)
-    if not c:
-        return "– | –"
-    return f"{c['params']:,} ({c['nonzero_params']:,}) | {c['macs'] / 1e6:,.1f} M"
+def _forms_table(report: ValidationReport) -> list[str]:
+    rows = ["| form | file | size | gzip | top-1 | batch 1 p50 / p90 | batch 32 p50 / p90 | ÷ input, batch 32 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for f in report.forms:
+        b1, b32 = f["latency_ms"]["1"], f["latency_ms"]["32"]
+        ratio = b32.get("ratio")
+        rows.append(f"| {FORM_LABELS[f['role']]} | `{f['file']}` | {_mb(f['size'])} | {_mb(f['gzip_size'])} "
+                    f"| {f['top1']:.4f} | {b1['p50']:.3f} / {b1['p90']:.3f} ms "
+                    f"| {b32['p50']:.2f} / {b32['p90']:.2f} ms "
+                    f"| {'–' if ratio is None else format(ratio['median'], '.3f')} |")
+    return rows
+
+
+def _sparse_note(report: ValidationReport) -> str:
+    if any(f["role"] == "compact" for f in report.forms):
+        return ""
+    z = report.sizes
+    return (f" With sparse initializers the exported file would take {_mb(z['sparse_initializers'])} "
+            f"({_mb(z['sparse_initializers_gzip'])} gzipped); no compact form was published beside it.")
+
+
+def _costs_line(report: ValidationReport) -> str:
+    before, after = report.costs.get("input"), report.costs.get("exported")
+    if not before or not after:
+        return ""
+    return (f"Parameters {before['params']:,} → {after['params']:,} ({after['nonzero_params']:,} non-zero); "
+            f"MACs per image {before['macs'] / 1e6:,.1f} M → {after['macs'] / 1e6:,.1f} M.")
+
+
+def _int8_lines(report: ValidationReport) -> list[str]:
+    by_role = {f["role"]: f for f in report.forms}
+    if "int8" not in by_role:
+        return []
+    from stages.latency import ratio_of
+
+    fp32, int8, info = by_role["fp32"], by_role["int8"], report.int8
+    r = ratio_of(int8["latency_ms"]["32"]["times"], fp32["latency_ms"]["32"]["times"])
+    cpu = info.get("cpu_features", {})
+    vnni = [k for k in ("avx512_vnni", "avx_vnni", "amx_int8") if cpu.get(k)]
+    kernels = (f"this CPU reports {', '.join(vnni)} (INT8 dot-product instructions)" if vnni else
+               "this CPU reports no VNNI/AMX: INT8 kernels multiply without dot-product instructions"
+               if cpu.get("known") else "this CPU's INT8 features are unknown")
+    speed = (f"INT8 ÷ FP32 at batch 32: median {r['median']:.3f} (p10–p90 {r['p10']:.3f}–{r['p90']:.3f}): "
+             f"**{r['verdict']}**" + ("" if r["median"] < 1 and r["p90"] < 1 else
+                                      "; this CPU gives no INT8 speed-up on this model"))
+    lines = ["", f"{speed}; {kernels}; weights {'7-bit (reduce_range)' if info.get('reduce_range') else '8-bit'}, "
+                 f"calibrated on {info.get('calibration_images', '?')} training images. "
+                 f"INT8 with sparse initializers: {info.get('int8_sparse_initializers', 'not tried')}."]
+    fp32_nodes = info.get("fp32_nodes") or []
+    if fp32_nodes:
+        more = f" and {len(fp32_nodes) - 10} more" if len(fp32_nodes) > 10 else ""
+        lines += ["", f"Left in FP32 by the quantizer ({len(fp32_nodes)} nodes): "
+                      + ", ".join(f"`{n}`" for n in fp32_nodes[:10]) + more + "."]
+    return lines
 
 
 def _latency_line(lat: dict) -> str:

@@ -80,13 +80,32 @@ def _float_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], i
     return out
 
 
+def _dequantized_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """Outputs of DequantizeLinear nodes over quantized initializers (a QDQ model's weights) -> (shape, numel,
+    zeros): an entry dequantizes to exactly 0.0 where it equals its zero point."""
+    inits = {t.name: t for t in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else np.zeros((), q.dtype)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if zp.ndim == 1 and q.ndim > 1:  # per channel: broadcast the zero points along `axis`
+            zp = zp.reshape([-1 if d == axis % q.ndim else 1 for d in range(q.ndim)])
+        out[node.output[0]] = (tuple(q.shape), int(q.size), int(np.count_nonzero(q == zp)))
+    return out
+
+
 def file_sparsity(model: onnx.ModelProto) -> FileSparsity:
-    """Zeros in the prunable weights (initializers feeding a Conv/ConvTranspose/Gemm/MatMul weight input)
-    and in all float parameters, subgraphs included."""
+    """Zeros in the prunable weights (initializers feeding a Conv/ConvTranspose/Gemm/MatMul weight input,
+    directly or through a DequantizeLinear in a quantized model) and in all float parameters, subgraphs
+    included."""
     layers, seen = [], set()
     params_total = params_zeros = 0
     for graph in _graphs(model.graph):
-        tensors = _float_tensors(graph)
+        tensors = {**_float_tensors(graph), **_dequantized_tensors(graph)}
         for _shape, numel, zeros in tensors.values():
             params_total += numel
             params_zeros += zeros

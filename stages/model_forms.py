@@ -1,0 +1,78 @@
+"""Every form of one compressed model measured the same way: the input, the dense FP32 export (every runtime
+reads it), the compact FP32 file (sparse initializers), the INT8 file and, when onnxruntime reads it, the INT8 file
+with sparse initializers. Size, gzip size, sha256, top-1/top-5 on the held-out split, sparsity read from the file
+and latency p50/p90 at batch 1 and 32, all forms timed in the same interleaved rounds. One table; the gate's
+checks for the extra forms. Imports no flows/prefect/click."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline.artifacts import atomic_path, sha256_file
+from stages.latency import interleaved_latency
+from stages.onnx_convert.sparsity import file_sparsity
+
+__all__ = ["FORM_LABELS", "Form", "int8_sparse_form", "measure_forms"]
+
+FORM_LABELS = {"input": "input model", "fp32": "dense FP32 (primary)", "compact": "FP32, sparse initializers",
+               "int8": "INT8 (QDQ)", "int8_compact": "INT8, sparse initializers"}
+BATCHES = (1, 32)
+
+
+@dataclass(frozen=True)
+class Form:
+    role: str  # a key of FORM_LABELS
+    path: Path
+
+
+def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "cpu", runs: int = 30) -> list[dict]:
+    """One record per form (in the order given; the first is the reference of the latency ratios)."""
+    from stages.onnx_convert import runtime
+    from stages.validate import _accuracy, _fixed_batch
+
+    sessions = [runtime.session(f.path, device=device) for f in forms]
+    records = []
+    for form, session in zip(forms, sessions, strict=True):
+        model = onnx.load(str(form.path), load_external_data=False)
+        top1, top5, _ = _accuracy(session, session.get_inputs()[0].name, val, _fixed_batch(model))
+        sparsity = file_sparsity(model)
+        data = form.path.read_bytes()
+        records.append({"role": form.role, "file": form.path.name, "path": str(form.path), "size": len(data),
+                        "gzip_size": len(gzip.compress(data, compresslevel=6)), "sha256": sha256_file(form.path),
+                        "top1": top1, "top5": top5, "prunable_zeros": sparsity.prunable_zeros,
+                        "prunable_total": sparsity.prunable_total, "latency_ms": {}})
+    for batch in BATCHES:
+        timed = interleaved_latency(sessions, input_shape, batch=batch, runs=runs, budget_s=8.0)
+        for record, t in zip(records, timed, strict=True):
+            record["latency_ms"][str(batch)] = t
+    return records
+
+
+def int8_sparse_form(int8_path: Path, out_path: Path, x: np.ndarray) -> tuple[Path | None, str]:
+    """The INT8 model with its int8 weights as sparse initializers, kept when smaller and onnxruntime loads it and
+    gives the INT8 file's outputs; otherwise (None, why)."""
+    from stages.export_onnx import to_sparse_initializers
+    from stages.onnx_convert import runtime
+
+    model = onnx.load(str(int8_path))
+    sparse, chosen = to_sparse_initializers(model, dtypes=(onnx.TensorProto.INT8,))
+    if not chosen:
+        return None, "no int8 weight is smaller stored sparse"
+    data = sparse.SerializeToString()
+    if len(data) >= int8_path.stat().st_size:
+        return None, "not smaller than the INT8 file"
+    try:
+        got = runtime.run(runtime.session(data), x)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own error, reported in one line
+        return None, f"onnxruntime cannot run it ({' '.join(str(e).split())[:160]})"
+    want = runtime.run(runtime.session(int8_path), x)
+    if not np.array_equal(got, want):
+        return None, f"onnxruntime's outputs differ from the INT8 file's by {float(np.max(np.abs(got - want))):.3g}"
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(data)
+    return out_path, ""

@@ -1,0 +1,115 @@
+"""Every form a version publishes (dense FP32, compact sparse-initializer FP32, INT8), each validated by onnxruntime
+and listed in the manifest; INT8 keeps pruned weights at exactly 0; an already quantized input is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+TINY = ["--sparsity", "0.9", "--epochs", "2", "--steps", "2", "--mask-batch-size", "64", "--batch-size", "64",
+        "--min-accuracy", "0.15"]
+
+
+def _cli(args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    exe = Path(sys.executable).parent / "force-compress"
+    return subprocess.run([str(exe), "compress", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_version_holds_dense_compact_and_int8_forms_each_validated(tiny_at_init, tmp_path):
+    from pipeline.artifacts import sha256_file
+    from pipeline.data import load_data
+    from stages.onnx_convert.sparsity import file_sparsity
+    from stages.validate import onnx_accuracy
+
+    r = _cli([tiny_at_init, *TINY, "--quantize", "int8", "--no-prefect", "--json"], tmp_path)
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert list(s["stage_seconds"]) == ["import", "masks", "sparse-train", "export", "quantize", "validate", "publish"]
+    version = tmp_path / "registry" / "tiny" / "v1"
+    manifest = json.loads((version / "manifest.json").read_text())
+    arts = {a["role"]: a for a in manifest["artifacts"]}
+    assert manifest["primary"] == "model.onnx" and arts["fp32"]["primary"] and arts["fp32"]["file"] == "model.onnx"
+    assert {"fp32", "compact", "int8"} <= set(arts)
+    assert arts["compact"]["size"] < arts["fp32"]["size"] and arts["int8"]["size"] < arts["fp32"]["size"]
+    val = load_data("digits", (1, 8, 8), num_classes=10, augment=False).val
+    for a in arts.values():
+        path = version / a["file"]
+        assert sha256_file(path) == a["sha256"] and a["size"] == path.stat().st_size
+        assert abs(onnx_accuracy(path, val)[0] - a["top1"]) < 1e-9  # what validation measured is this file
+        assert set(a["latency_ms"]) == {"1", "32"} and a["latency_ms"]["32"]["p50"] > 0
+    assert arts["compact"]["top1"] == arts["fp32"]["top1"]  # the same values, stored sparse
+    compact = onnx.load(str(version / "model.compact.onnx"))
+    assert len(compact.graph.sparse_initializer) > 0
+    fp32 = file_sparsity(onnx.load(str(version / "model.onnx")))
+    int8 = file_sparsity(onnx.load(str(version / "model.int8.onnx")))
+    assert int8.prunable_total == fp32.prunable_total and int8.prunable_zeros >= fp32.prunable_zeros > 0
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(version / "model.int8.onnx"))
+                                                       .graph.node}
+    md = (version / "report.md").read_text()
+    assert "What each form buys" in md and "INT8 ÷ FP32 at batch 32" in md and "calibrated on" in md
+    checks = json.loads((version / "report.json").read_text())["checks"]
+    assert {"min_accuracy_int8", "int8_sparsity", "min_accuracy_compact"} <= {c["name"] for c in checks}
+
+
+def test_an_already_quantized_model_with_quantize_exits_2_before_any_work(tiny_digits, tmp_path):
+    from stages.quantize import quantize_int8
+
+    path, _, splits = tiny_digits
+    x, _ = splits.train.batch(__import__("torch").arange(64))
+    quantized = quantize_int8(path, tmp_path / "q.onnx", x.numpy()).out_path
+
+    r = _cli([str(quantized), *TINY, "--quantize", "int8", "--no-prefect"], tmp_path)
+
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "already quantized" in r.stderr and "drop --quantize int8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_int8_sparsity_is_read_through_dequantize_linear(tiny_digits, tmp_path):
+    from stages.export_onnx import write_values
+    from stages.import_onnx import load_module
+    from stages.onnx_convert.sparsity import file_sparsity
+    from stages.quantize import quantize_int8
+
+    path, _, splits = tiny_digits
+    model = onnx.load(path)
+    module, param_map = load_module(path)
+    state = module.state_dict()
+    rng = np.random.default_rng(0)
+    masks = {i: rng.random(param_map.entries[param_map.to_param(i)].onnx_shape) < 0.3
+             for i in param_map.prunable_initializers}
+    write_values(model, param_map, state, masks)
+    sparse = tmp_path / "sparse.onnx"
+    onnx.save(model, str(sparse))
+    x, _ = splits.train.batch(__import__("torch").arange(64))
+
+    q = quantize_int8(sparse, tmp_path / "q.onnx", x.numpy())
+
+    before, after = file_sparsity(model), file_sparsity(onnx.load(str(q.out_path)))
+    assert after.prunable_total == before.prunable_total
+    assert after.prunable_zeros >= before.prunable_zeros >= 0.6 * before.prunable_total
+    assert q.calibration_images == 64 and isinstance(q.fp32_nodes, tuple)
+
+
+def test_the_gate_refuses_an_int8_model_that_loses_more_than_max_drop():
+    from pipeline.config import make_config
+    from stages.validate import form_checks
+
+    config = make_config(model="m.onnx", min_accuracy=0.5, baseline_accuracy=0.9, max_drop=0.01)
+    fp32 = {"role": "fp32", "top1": 0.95, "prunable_zeros": 90, "prunable_total": 100}
+    int8 = {"role": "int8", "top1": 0.93, "prunable_zeros": 89, "prunable_total": 100}
+
+    checks = {c.name: c for c in form_checks(config, [fp32, int8])}
+
+    assert not checks["int8_max_drop"].passed and "over by 0.0100" in checks["int8_max_drop"].message
+    assert not checks["int8_sparsity"].passed and "lost their zero" in checks["int8_sparsity"].message
+    assert checks["min_accuracy_int8"].passed
