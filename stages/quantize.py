@@ -23,12 +23,6 @@ INT8_NAME = "model.int8.onnx"
 # Operators that mean a model is quantized already (QDQ pairs, QOperator kernels, integer matmuls).
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "QLinearAdd", "QLinearMul", "QGemm", "ConvInteger", "MatMulInteger"})
-# What carries the arithmetic; one of these left without DequantizeLinear inputs runs in FP32.
-_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
-                          "GlobalAveragePool", "MaxPool", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish",
-                          "Softmax", "LayerNormalization", "BatchNormalization", "Resize", "Gelu"})
-
-
 @dataclass(frozen=True)
 class QuantizeResult:
     out_path: Path
@@ -99,7 +93,23 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, ima
 
 
 def fp32_compute_nodes(model: onnx.ModelProto) -> list[str]:
-    """Compute nodes of a QDQ model none of whose inputs come from a DequantizeLinear: they run in FP32."""
+    """Nodes of a QDQ model that compute in FP32: a float output, and not the quantized pattern (an input from a
+    DequantizeLinear, every output read only by QuantizeLinear), which onnxruntime runs with an INT8 kernel."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [f"{n.name or n.output[0]} ({n.op_type})" for n in model.graph.node
-            if n.op_type in _COMPUTE_OPS and not any(i in dequantized for i in n.input)]
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    outputs = {o.name for o in model.graph.output}
+    left = []
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or not any(types.get(o) in floats for o in n.output):
+            continue
+        quantized = any(i in dequantized for i in n.input) and all(
+            o not in outputs and readers.get(o, set()) == {"QuantizeLinear"} for o in n.output)
+        if not quantized:
+            left.append(f"{n.name or n.output[0]} ({n.op_type})")
+    return left

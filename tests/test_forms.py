@@ -113,3 +113,35 @@ def test_the_gate_refuses_an_int8_model_that_loses_more_than_max_drop():
     assert not checks["int8_max_drop"].passed and "over by 0.0100" in checks["int8_max_drop"].message
     assert not checks["int8_sparsity"].passed and "lost their zero" in checks["int8_sparsity"].message
     assert checks["min_accuracy_int8"].passed
+
+
+def test_nodes_the_quantizer_leaves_in_fp32_are_named(tmp_path, to_onnx):
+    import torch
+    import torch.nn as nn
+
+    from stages.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                        nn.Linear(128, 10))
+    path = to_onnx(net, tmp_path / "tanh.onnx")
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+
+    q = quantize_int8(path, tmp_path / "q.onnx", x)
+
+    assert any(n.endswith("(Tanh)") for n in q.fp32_nodes), q.fp32_nodes  # no INT8 Tanh kernel
+    assert not any(n.endswith("(Conv)") or n.endswith("(Gemm)") for n in q.fp32_nodes), q.fp32_nodes
+
+
+def test_int8_applies_to_the_channel_cut_model_too(tiny_at_init, tmp_path):
+    r = _cli([tiny_at_init, "--structure", "channel", "--channel-multiple", "1", "--sparsity", "0.5",
+              *TINY[2:], "--quantize", "int8", "--no-prefect", "--json"], tmp_path)
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    roles = {f["role"]: f for f in s["forms"]}
+    assert {"fp32", "int8"} <= set(roles) and s["structure"] == "channel"
+    assert roles["fp32"]["size"] < roles["input"]["size"]  # the cut; INT8's QDQ nodes outweigh 1,000 weights here
+    assert roles["int8"]["top1"] >= 0.15
+    assert list(s["stage_seconds"]) == ["import", "masks", "cut", "sparse-train", "export", "quantize", "validate",
+                                        "publish"]
