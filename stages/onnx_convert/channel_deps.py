@@ -732,19 +732,29 @@ def _axes(b: _Builder, node: onnx.NodeProto, input_index: int) -> list[int] | No
     return None
 
 
-@channel_handler("Squeeze", "Unsqueeze")
-def _squeeze(b: _Builder, node: onnx.NodeProto) -> None:
+def _layout_axes_dims(b: _Builder, node: onnx.NodeProto):
+    """(layout, axes, dims) of a node with `axes` as attribute or input 1; None (blocking it where it carries
+    channels) when its input has no channels, its axes are computed at run time or its rank is unknown."""
     lay, d = b.layout(node.input[0]), b.dims(node.input[0])
     if lay is None:
-        return
+        return None
     try:
         axes = _axes(b, node, 1)
     except LookupError as e:
         b.block(lay, node, str(e))
-        return
+        return None
     if d is None:
         b.block(lay, node, "rank unknown to shape inference")
+        return None
+    return lay, axes, d
+
+
+@channel_handler("Squeeze", "Unsqueeze")
+def _squeeze(b: _Builder, node: onnx.NodeProto) -> None:
+    found = _layout_axes_dims(b, node)
+    if found is None:
         return
+    lay, axes, d = found
     c = lay.axis
     if node.op_type == "Squeeze":
         axes = [i for i, x in enumerate(d) if x == 1] if axes is None else [_axis(a, len(d)) for a in axes]
@@ -761,17 +771,10 @@ def _squeeze(b: _Builder, node: onnx.NodeProto) -> None:
 @channel_handler("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
                  "ReduceSumSquare")
 def _reduce(b: _Builder, node: onnx.NodeProto) -> None:
-    lay, d = b.layout(node.input[0]), b.dims(node.input[0])
-    if lay is None:
+    found = _layout_axes_dims(b, node)
+    if found is None:
         return
-    try:
-        axes = _axes(b, node, 1)
-    except LookupError as e:
-        b.block(lay, node, str(e))
-        return
-    if d is None:
-        b.block(lay, node, "rank unknown to shape inference")
-        return
+    lay, axes, d = found
     if axes is None or not axes:
         if _attr(node, "noop_with_empty_axes", 0):
             b.set_layout(node.output[0], lay)
