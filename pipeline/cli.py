@@ -1,6 +1,6 @@
 """The `force-compress` command line: the one module on top of everything (it may import stages and flows).
 
-Exit codes: 0 success/published, 1 gate failed, 2 bad input, 3 environment, other = internal error.
+Exit codes: 0 success/published, 1 gate failed, 2 bad input, 3 environment, 4 internal error.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import time
 import types
 
 import click
+
+# Prefect's server sends telemetry at start-up; offline (CI jobs, air-gapped machines) that prints a "database is
+# locked" traceback and ERROR lines into normal output. Off unless the user turns it on.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from pipeline.errors import EnvironmentProblem, ForceCompressError, GateFailedError, NetworkCutError
 
@@ -301,7 +305,13 @@ def _run_flow(config, run_dir: str) -> dict:
 def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     """Prune MODEL at initialization, sparse-train, export, validate and publish it.
 
-    Exit codes: 0 published, 1 validation gate failed (nothing published), 2 bad input, 3 environment."""
+    \b
+    Exit codes:
+      0  published
+      1  validation gate failed, or the masks cut the network (nothing published)
+      2  bad input (model, data, options), checked before any work where it can be
+      3  environment (CUDA asked for but absent, no Prefect API)
+      4  internal error (traceback in the run directory's error.txt)"""
     import json
     import traceback
 
@@ -347,9 +357,27 @@ def serve() -> None:
             "no Prefect API to serve to: run `prefect server start --host 127.0.0.1` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)"
         )
+    _check_prefect_api(str(PREFECT_API_URL.value()))
+    import httpx
+
     from flows.compress import serve as serve_deployment
 
-    serve_deployment()
+    try:
+        serve_deployment()
+    except (httpx.ConnectError, httpx.TimeoutException) as e:  # the server went away while serving
+        raise EnvironmentProblem(f"lost the Prefect API at {PREFECT_API_URL.value()}: {e}") from None
+
+
+def _check_prefect_api(url: str) -> None:
+    """EnvironmentProblem (exit 3) unless the Prefect API at `url` answers its health check."""
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as e:
+        raise EnvironmentProblem(
+            f"no Prefect API answers at {url} ({type(e).__name__}: {' '.join(str(e).split())[:120]}): start one with "
+            "`prefect server start --host 127.0.0.1` or fix PREFECT_API_URL") from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import onnx
 
 from pipeline.artifacts import atomic_path, sha256_file
 from stages.latency import interleaved_latency
+from stages.onnx_convert.model_io import model_bytes
 from stages.onnx_convert.sparsity import file_sparsity
 
 __all__ = ["FORM_LABELS", "Form", "int8_sparse_form", "measure_forms"]
@@ -42,7 +43,8 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
         top1, top5, _ = _accuracy(session, session.get_inputs()[0].name, val, _fixed_batch(model))
         sparsity = file_sparsity(model)
         data = form.path.read_bytes()
-        records.append({"role": form.role, "file": form.path.name, "path": str(form.path), "size": len(data),
+        records.append({"role": form.role, "file": form.path.name, "path": str(form.path),
+                        "size": model_bytes(form.path),  # external data counts
                         "gzip_size": len(gzip.compress(data, compresslevel=6)), "sha256": sha256_file(form.path),
                         "top1": top1, "top5": top5, "prunable_zeros": sparsity.prunable_zeros,
                         "prunable_total": sparsity.prunable_total, "latency_ms": {}})

@@ -26,6 +26,7 @@ from pipeline.errors import BadInputError, InvalidModelError
 from stages.latency import fixed_batch
 from stages.model_forms import FORM_LABELS, Form, int8_sparse_form, measure_forms
 from stages.onnx_convert.costs import model_costs
+from stages.onnx_convert.model_io import model_bytes
 from stages.onnx_convert.sparsity import FileSparsity, LayerSparsity, file_sparsity
 
 ORT_DENSE_SPEED = (
@@ -254,6 +255,9 @@ def classifier_io(model: onnx.ModelProto, image_size: Sequence[int] | None = Non
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise BadInputError(f"expected a classifier with one image input, got inputs {[i.name for i in inputs]}")
+    if len(model.graph.output) != 1:
+        raise BadInputError(f"expected a classifier with one output (the logits), got outputs "
+                            f"{[o.name for o in model.graph.output]}; export the model with its logits only")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise BadInputError(f"model input {inputs[0].name!r} has shape {dims}; expected (N, C, H, W) images")
@@ -291,7 +295,7 @@ def file_sizes(input_path: Path, exported_path: Path, model: onnx.ModelProto) ->
 
     dense_model = _densified(model)
     dense = dense_model.SerializeToString()
-    sizes = {"input": input_path.stat().st_size, "exported": exported_path.stat().st_size,
+    sizes = {"input": model_bytes(input_path), "exported": model_bytes(exported_path),
              "dense": len(dense), "dense_gzip": len(gzip.compress(dense, compresslevel=6))}
     sparse = sparse_initializer_bytes(dense_model)
     sizes["sparse_initializers"] = len(sparse)

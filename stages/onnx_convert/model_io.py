@@ -22,9 +22,10 @@ def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: no such file; give the path of an .onnx model")
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{path}: the file is empty; export the model again")
+    check_external_data(path)
     try:
         model = onnx.load(str(path), load_external_data=True)
-    except (DecodeError, RuntimeWarning, ValueError, OSError, RuntimeError) as e:
+    except (DecodeError, RuntimeWarning, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as e:
         raise InvalidModelError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_one_line(e)}") from None
     if not model.graph.node or not model.opset_import:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph nodes or no opset); is this the right file?")
@@ -37,6 +38,39 @@ def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         raise InvalidModelError(f"{path}: fails onnx.checker: {_one_line(e)}") from None
     return model
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """The external-data locations the initializers of `model` (loaded without them) refer to, in order."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    seen: dict[str, None] = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            seen.setdefault(ExternalDataInfo(tensor).location, None)
+    return list(seen)
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """Bytes of an ONNX model on disk: the .onnx file and every external-data file it refers to."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    extra = sum((path.parent / loc).stat().st_size for loc in external_data_files(model)
+                if (path.parent / loc).is_file())
+    return path.stat().st_size + extra
+
+
+def check_external_data(path: Path) -> None:
+    """InvalidModelError naming the first external-data file the model needs that is not beside it."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError, RuntimeError):
+        return  # load_checked reports the unreadable file
+    for location in external_data_files(model):
+        data = path.parent / location
+        if not data.is_file():
+            raise InvalidModelError(f"{path}: its weights are stored in the external data file {location!r}, which "
+                                    f"is not in {path.parent.resolve()}; copy it there beside the model")
 
 
 def _one_line(e: BaseException) -> str:
