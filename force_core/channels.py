@@ -470,7 +470,7 @@ def compute_channel_masks(
     if floor > k:
         reachable = math.floor((1.0 - floor / n_total) * 1e4) / 1e4  # rounded down: that sparsity is reachable
         raise ValueError(
-            f"density {density} keeps {k} of the {n_total} prunable weights, but min_keep channels of every "
+            f"sparsity {1 - density:.4g} keeps {k} of the {n_total} prunable weights, but min_keep channels of every "
             f"group keep {floor}: the largest reachable sparsity is {reachable:.4f}; lower the sparsity or min_keep"
         )
     run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
