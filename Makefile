@@ -16,7 +16,7 @@ DEVICE ?=
 REGISTRY ?=
 QUICK ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured compress serve clean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured compress serve clean distclean
 
 install: $(BIN)/.installed
 
@@ -65,5 +65,12 @@ compress: install $(MODEL)
 serve: install
 	$(FC) serve
 
+# `make clean` removes only what the tools rebuild: run directories (runs/, including resumable checkpoints and the
+# benchmarks' work under runs/bench_*), the test/lint caches and Python bytecode. It never touches registry/
+# (published models) or models/ (input models). `make distclean` also removes the virtual environment ($(VENV)).
 clean:
-	rm -rf runs registry models .pytest_cache
+	rm -rf runs .pytest_cache .ruff_cache .import_linter_cache
+	find force_core pipeline stages flows tests benchmarks -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,5 +1,10 @@
 """The Prefect 3 flow `force-compress`: the stages of `stages.run_all` as tasks, plus what Prefect adds
-(caching by input hashes, retries, artifacts, logs). No logic a stage could hold lives here.
+(retries, artifacts, logs). No logic a stage could hold lives here.
+
+Caching is run_all's, the same as on the plain path: a stage whose record in run_dir/.stages/ has the same key
+(`stages.run_all.stage_key`: code version, input files' hashes, the fields the stage declares) and whose files
+exist is not run again, and the log says "<stage>: reused (cached)". Prefect's own task cache is off: a second
+cache keyed the same way would only disagree with the first about files rewritten in between.
 
 The flow's parameters are CompressConfig's fields, generated from the model (names, types, constraints,
 defaults and descriptions), so the deployment's parameter schema cannot drift from the config.
@@ -19,7 +24,7 @@ from prefect.states import Failed
 
 from pipeline.config import CompressConfig, make_config
 from pipeline.errors import GateFailedError, NetworkCutError
-from stages.run_all import Stage, check_request, describe, run_all, stage_key
+from stages.run_all import Stage, check_request, describe, run_all
 from stages.validate import load_report
 
 FLOW_NAME = "force-compress"
@@ -27,12 +32,6 @@ DEPLOYMENT_NAME = "force-compress"
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
-
-
-def _cache_key(context, parameters: dict) -> str:
-    """Input files by content hash + the config's fingerprint (not Prefect's default, which pickles the
-    inputs); see stages.run_all.stage_key."""
-    return stage_key(Stage(context.task.name, context.task.fn, parameters))
 
 
 def _transient_io(task, task_run, state) -> bool:
@@ -50,29 +49,29 @@ _TASKS: dict[Any, Any] = {}
 
 
 def _task_for(stage: Stage):
-    """One Prefect task per stage function, built once. Results are small records (paths and figures)."""
+    """One Prefect task per stage function, built once. Results are small records (paths and figures); run_all
+    decides whether a stage runs at all (its cache), so the task itself never caches."""
     key = (stage.fn, stage.name)
     if key not in _TASKS:
-        if stage.cache:
-            _TASKS[key] = task(stage.fn, name=stage.name, cache_key_fn=_cache_key, persist_result=True)
-        else:
-            retry = {"retries": 3, "retry_delay_seconds": 1, "retry_condition_fn": _transient_io} \
-                if stage.name == "publish" else {}
-            _TASKS[key] = task(stage.fn, name=stage.name, cache_policy=NO_CACHE, persist_result=False, **retry)
+        retry = {"retries": 3, "retry_delay_seconds": 1, "retry_condition_fn": _transient_io} \
+            if stage.name == "publish" else {}
+        _TASKS[key] = task(stage.fn, name=stage.name, cache_policy=NO_CACHE, persist_result=False, **retry)
     return _TASKS[key]
 
 
 def run_stage_as_task(stage: Stage):
-    """`run_stage` for run_all: the stage as a Prefect task; a cached result whose files are gone is redone."""
+    """`run_stage` for run_all: the stage as a Prefect task."""
     logger = get_run_logger()
     logger.info("stage %s: started", stage.name)
     t = time.perf_counter()
-    task_ = _task_for(stage)
-    if stage.cache and not all(Path(p).exists() for p in stage.outputs):
-        task_ = task_.with_options(refresh_cache=True)
-    result = task_(**stage.kwargs)
+    result = _task_for(stage)(**stage.kwargs)
     logger.info("stage %s: %.1fs  %s", stage.name, time.perf_counter() - t, describe(stage.name, result))
     return result
+
+
+def log_reused(stage: Stage, result) -> None:
+    """`on_reused` for run_all: one log line for a stage whose cached result is reused."""
+    get_run_logger().info("stage %s: reused (cached)  %s", stage.name, describe(stage.name, result))
 
 
 # --- the flow ---------------------------------------------------------------------------------------------
@@ -84,7 +83,7 @@ def _compress(**params) -> dict:
     request = check_request(config)
     logger.info("run directory %s", request.run_dir)
     try:
-        summary = run_all(config, run_stage_as_task, request=request)
+        summary = run_all(config, run_stage_as_task, request=request, on_reused=log_reused)
     except NetworkCutError as e:  # stopped before training: a failed run with one line, not a traceback in the log
         return Failed(message=str(e), data=e)  # the caller still gets the exception (exit 1)
     report = load_report(Path(summary.run_dir) / "report.json")

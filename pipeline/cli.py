@@ -231,21 +231,27 @@ def _config_options(fn):
 
 
 def _stage_printer(names: tuple[str, ...]):
-    """`run_stage` for the plain path: call the stage, then one line about it on stderr."""
+    """(`run_stage`, `on_reused`) for the plain path: call the stage, then one line about it on stderr; a stage
+    whose cached result is reused gets one line saying so."""
     from stages.run_all import call_stage, describe
 
     total = len(names)
 
+    def where(stage) -> str:
+        return f"[{names.index(stage.name) + 1 if stage.name in names else 0}/{total}]"
+
     def run_stage(stage):
-        index = names.index(stage.name) + 1 if stage.name in names else 0
-        click.echo(f"[{index}/{total}] {stage.name} ...", err=True)
+        click.echo(f"{where(stage)} {stage.name} ...", err=True)
         t = time.perf_counter()
         result = call_stage(stage)
         seconds = time.perf_counter() - t
-        click.echo(f"[{index}/{total}] {stage.name:<12} {seconds:6.1f}s  {describe(stage.name, result)}", err=True)
+        click.echo(f"{where(stage)} {stage.name:<12} {seconds:6.1f}s  {describe(stage.name, result)}", err=True)
         return result
 
-    return run_stage
+    def on_reused(stage, result) -> None:
+        click.echo(f"{where(stage)} {stage.name}: reused (cached)  {describe(stage.name, result)}", err=True)
+
+    return run_stage, on_reused
 
 
 def _print_summary(summary: dict) -> None:
@@ -326,7 +332,8 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     try:
         with quiet:
             if no_prefect:
-                summary = run_all(config, _stage_printer(stage_names(config)), request=request).to_dict()
+                run_stage, on_reused = _stage_printer(stage_names(config))
+                summary = run_all(config, run_stage, request=request, on_reused=on_reused).to_dict()
             else:
                 summary = _run_flow(config, request.run_dir)
     except ForceCompressError:
@@ -378,6 +385,31 @@ def _check_prefect_api(url: str) -> None:
         raise EnvironmentProblem(
             f"no Prefect API answers at {url} ({type(e).__name__}: {' '.join(str(e).split())[:120]}): start one with "
             "`prefect server start --host 127.0.0.1` or fix PREFECT_API_URL") from None
+
+
+# --- commands: predict (a published model on its own) ---
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top", "top", type=click.IntRange(min=1), default=5, show_default=True, help="labels per image")
+@click.option("--json", "as_json", is_flag=True, help="one JSON list on stdout: image, top labels and probabilities")
+@_handle_errors
+def predict_cmd(model, images, top, as_json):
+    """Classify IMAGE files (PNG, JPEG, … or .npy) with MODEL: a registry version directory or an .onnx file that
+    records its preprocessing; prints each image's top labels with softmax probabilities, on onnxruntime's CPU."""
+    import json
+
+    from pipeline.predict import predict, resolve_model
+    from stages.publish import MODEL_FILE
+
+    predictions = predict(resolve_model(model, MODEL_FILE), images, top=top)
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in predictions]))
+        return
+    for p in predictions:
+        click.echo(f"{p.image}: " + ", ".join(f"{label} {prob:.4f}" for label, _, prob in p.top))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ class CompressConfig(BaseModel):
     name: str | None = Field(None, description="model name in the registry (default: the file's stem)")
     registry: str = Field("registry", description="registry directory")
     runs_dir: str = Field("runs", description="where run directories go")
+    keep_checkpoint: bool = Field(False, description="keep the run directory's checkpoint.pt (resumable training "
+                                                     "state) once trained.pt is written")
 
     @model_validator(mode="after")
     def _known_method(self) -> CompressConfig:
@@ -87,8 +89,53 @@ class CompressConfig(BaseModel):
         return self.name or Path(self.model).stem
 
     def fingerprint(self) -> dict:
-        """Fields that change the result (not where it goes): the run id and stage caches key on it."""
-        return self.model_dump(exclude={"registry", "runs_dir", "name", "model"})
+        """Fields that change the result (not where it goes or what is kept of it)."""
+        return self.model_dump(exclude={"registry", "runs_dir", "name", "model", "keep_checkpoint"})
+
+
+class UndeclaredFieldError(RuntimeError):
+    """A stage read a config field it does not declare: its cache key would miss a change of that field."""
+
+
+class ConfigView:
+    """A read-only view of a CompressConfig that lets through only the fields a stage declares, and the properties
+    computed from them (`density`, `model_name`). Reading any other field raises UndeclaredFieldError, so a cache key
+    built from the declared fields cannot miss something the stage reads."""
+
+    DERIVED = {"density": frozenset({"sparsity"}), "model_name": frozenset({"name", "model"})}
+
+    def __init__(self, config: CompressConfig, fields) -> None:
+        fields = frozenset(fields)
+        unknown = fields - set(CompressConfig.model_fields)
+        if unknown:
+            raise ValueError(f"not CompressConfig fields: {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_fields", fields)
+
+    @property
+    def declared_fields(self) -> frozenset[str]:
+        return self._fields
+
+    def values(self) -> dict:
+        """The declared fields and their values (what a cache key hashes)."""
+        return {name: getattr(self._config, name) for name in sorted(self._fields)}
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # copy/pickle probing, and an instance not yet initialised
+            raise AttributeError(name)
+        needs = self.DERIVED.get(name, frozenset({name}))
+        if needs <= self._fields:
+            return getattr(self._config, name)
+        if name in CompressConfig.model_fields or hasattr(CompressConfig, name):
+            raise UndeclaredFieldError(f"config.{name} is read but not declared (declared: "
+                                       f"{', '.join(sorted(self._fields))})")
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise TypeError("a ConfigView is read-only")
+
+    def __repr__(self) -> str:
+        return f"ConfigView({', '.join(f'{k}={v!r}' for k, v in self.values().items())})"
 
 
 def make_config(**values) -> CompressConfig:

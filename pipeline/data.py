@@ -45,6 +45,11 @@ class RawData:
     y_val: torch.Tensor | None = None
     description: str = ""
     default_flip: bool = True
+    # How the source reached [0, 1] at H×W (pipeline.preprocessing records it with the exported model): `resize`
+    # "torch" (fit_images: float resize, then channel mapping) or "pillow" (read_image: 8-bit convert and resize);
+    # `scale`: how its stored values became [0, 1].
+    resize: str = "torch"
+    scale: str = "8-bit / 255"
 
 
 SourceFn = Callable[[str, tuple[int, int, int]], RawData]
@@ -86,6 +91,26 @@ def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down).clamp_(0.0, 1.0)
 
 
+def fit_images(x: torch.Tensor, shape: tuple[int, int, int], what: str = "data") -> torch.Tensor:
+    """(N, c, h, w) in [0, 1] -> (N, C, H, W): bilinear resize (antialiased when shrinking, clamped to [0, 1]),
+    then the channel mapping of `map_channels`. The "torch" resize of the digits and npz sources (and of predict)."""
+    c, h, w = shape
+    return map_channels(_resize(x, h, w), c, what)
+
+
+def read_image(source, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """An image file (or a PIL image) as (H, W) or (H, W, 3) uint8: PIL's convert(mode) ("L" or "RGB"), then its
+    8-bit bilinear resize to size (H, W). The "pillow" resize of the imagefolder source (and of predict); PIL's
+    errors pass."""
+    from PIL import Image
+
+    h, w = size
+    if isinstance(source, Image.Image):
+        return np.asarray(source.convert(mode).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+    with Image.open(source) as im:
+        return read_image(im, mode, size)
+
+
 def map_channels(x: torch.Tensor, channels: int, what: str = "data") -> torch.Tensor:
     """(N, c, H, W) -> (N, channels, H, W): grey→RGB repeats, RGB→grey uses BT.601 luma, RGBA drops alpha."""
     c = x.shape[1]
@@ -111,13 +136,14 @@ def _digits(arg: str, shape: tuple[int, int, int]) -> RawData:
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     c, h, w = shape
-    x = map_channels(_resize(x, h, w), c, "digits")
+    x = fit_images(x, shape, "digits")
     return RawData(
         x=x.contiguous(),
         y=torch.from_numpy(d.target.astype(np.int64)),
         class_names=tuple(str(i) for i in range(10)),
         description=f"digits (scikit-learn, 1797 images 8x8 grey, resized to {h}x{w}, {c} channel(s))",
         default_flip=False,
+        scale="grey levels 0..16 / 16",
     )
 
 
@@ -170,7 +196,7 @@ def _npz(arg: str, shape: tuple[int, int, int]) -> RawData:
                 t = t / 255.0
         else:
             raise DataError(f"{path}: x has dtype {a.dtype}; expected uint8 or float")
-        return map_channels(_resize(t, h, w), c, str(path)).contiguous()
+        return fit_images(t, (c, h, w), str(path)).contiguous()
 
     def labels(a: np.ndarray, n: int, name: str) -> torch.Tensor:
         a = np.asarray(a).reshape(-1)
@@ -186,7 +212,8 @@ def _npz(arg: str, shape: tuple[int, int, int]) -> RawData:
         y_val = labels(arrays.get("y_val", np.zeros(0)), x_val.shape[0], "y_val")
     n_cls = int(max(int(y.max()) if len(y) else -1, int(y_val.max()) if y_val is not None and len(y_val) else -1)) + 1
     names = tuple(str(s) for s in arrays["class_names"]) if "class_names" in arrays else tuple(map(str, range(n_cls)))
-    return RawData(x, y, names, x_val, y_val, description=f"npz {path} ({len(y)} images, resized to {h}x{w})")
+    return RawData(x, y, names, x_val, y_val, description=f"npz {path} ({len(y)} images, resized to {h}x{w})",
+                   scale="uint8 / 255; other types as stored, / 255 when above 1.5")
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -194,8 +221,6 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
     c, h, w = shape
     mode = "L" if c == 1 else "RGB"
     if c not in (1, 3):
@@ -210,9 +235,7 @@ def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int]) ->
                 continue
             total += 1
             try:
-                with Image.open(f) as im:
-                    im = im.convert(mode).resize((w, h), Image.BILINEAR)
-                    a = np.asarray(im, dtype=np.uint8)
+                a = read_image(f, mode, (h, w))
             except Exception:  # noqa: BLE001 - PIL raises many types for broken files
                 bad.append(f)
                 continue
@@ -254,6 +277,7 @@ def _imagefolder(arg: str, shape: tuple[int, int, int]) -> RawData:
         x, y, tuple(classes), x_val, y_val,
         description=f"imagefolder {root} ({len(classes)} classes, {len(y)} train images"
         + (f", {len(y_val)} val images" if y_val is not None else "") + f", resized to {shape[1]}x{shape[2]})",
+        resize="pillow",
     )
 
 
@@ -334,6 +358,8 @@ class DataSplits:
     input_shape: tuple[int, int, int]
     source: str
     augment: Augment = field(default_factory=Augment)
+    resize: str = "torch"  # RawData.resize and .scale of the source
+    scale: str = "8-bit / 255"
 
 
 def split_indices(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,6 +458,8 @@ def load_data(
         input_shape=(c, h, w),
         source=raw.description or spec,
         augment=aug,
+        resize=raw.resize,
+        scale=raw.scale,
     )
 
 

@@ -1,7 +1,8 @@
 """Stage `export_onnx`: write a trained module's values back into the normalised graph's initializers.
 
 Nodes, names, interface, opset, IR version, doc strings and metadata stay; only initializer values
-change (pruned entries exactly 0.0) and provenance joins `metadata_props`. Re-exporting the module
+change (pruned entries exactly 0.0) and provenance and the preprocessing of training (mean/std, resize, labels:
+pipeline.preprocessing) join `metadata_props`. Re-exporting the module
 with torch.onnx.export is not the way out: onnx2torch's modules do not export cleanly and users expect
 their own graph back. Imports onnx, onnxruntime, torch and `pipeline`; never flows, prefect or click.
 """
@@ -23,10 +24,12 @@ from onnx import numpy_helper
 
 from pipeline.artifacts import atomic_path
 from pipeline.errors import BadInputError, ForceCompressError
+from pipeline.preprocessing import Preprocessing
 from stages.import_onnx import load_module
 from stages.onnx_convert import runtime
 
-__all__ = ["ExportResult", "export_onnx", "sparse_initializer_bytes", "to_sparse_initializers", "write_values"]
+__all__ = ["ExportResult", "export_onnx", "sparse_initializer_bytes", "to_sparse_initializers",
+           "training_preprocessing", "write_values"]
 
 _EXTERNAL_DATA_BYTES = 2**31 - 2**24
 _INDEX_BYTES = 8  # ONNX sparse indices are int64
@@ -57,8 +60,11 @@ class ExportResult:
 def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.PathLike | None,
                 out_path: str | os.PathLike, *, masks_path: str | os.PathLike | None = None,
                 storage: str = "dense", provenance: Mapping | None = None,
-                compact_path: str | os.PathLike | None = None) -> ExportResult:
+                compact_path: str | os.PathLike | None = None,
+                preprocessing: Preprocessing | None = None) -> ExportResult:
     """`state_dict_path` None writes the normalised values unchanged (apply masks without training).
+    `preprocessing`: what an image must go through to be this model's input, written into `metadata_props`
+    (`force_compress.preprocessing`, `force_compress.labels`) so that the file is usable on its own.
     `compact_path`: also write the model with sparse initializers there, when that form is smaller, onnxruntime
     loads it and its outputs equal the dense model's (checked as for `storage="sparse"`)."""
     if storage not in ("dense", "sparse"):
@@ -74,6 +80,8 @@ def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.Pa
 
     stats = write_values(model, param_map, state, masks)
     _add_provenance(model, provenance or {})
+    if preprocessing is not None:
+        _set_metadata(model, preprocessing.metadata_props())
 
     dense_bytes = model.SerializeToString() if model.ByteSize() < _EXTERNAL_DATA_BYTES else None
     sparse_model, chosen = to_sparse_initializers(model, only=set(param_map.prunable_initializers))
@@ -242,6 +250,17 @@ def _load_onnx_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise BadInputError(f"{path}: not a readable mask file (.npz): {' '.join(str(e).split())[:200]}") from None
 
 
+def training_preprocessing(model_path: str | os.PathLike, config) -> Preprocessing:
+    """The preprocessing of training for the classifier `model_path` under `config` (a CompressConfig): its data
+    spec, split and seed at the model's input size (pipeline.preprocessing.preprocessing_for)."""
+    from pipeline.preprocessing import preprocessing_for
+    from stages.validate import classifier_io
+
+    _, input_shape, num_classes = classifier_io(onnx.load(str(model_path)), config.image_size)
+    return preprocessing_for(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
+                             seed=config.seed)
+
+
 def _add_provenance(model: onnx.ModelProto, provenance: Mapping) -> None:
     try:
         tool = version("force-compress")
@@ -249,14 +268,18 @@ def _add_provenance(model: onnx.ModelProto, provenance: Mapping) -> None:
         tool = "unknown"
     values = {"tool": f"force-compress {tool}", "torch": torch.__version__, "onnx": onnx.__version__,
               **{str(k): v for k, v in provenance.items()}}
+    _set_metadata(model, {PROVENANCE_PREFIX + key: value if isinstance(value, str) else
+                          json.dumps(value, sort_keys=True, default=str) for key, value in values.items()})
+
+
+def _set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
+    """Set metadata_props entries (key → text), replacing an entry of the same key; the rest stay as they are."""
     existing = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        full = PROVENANCE_PREFIX + key
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-        if full in existing:
-            existing[full].value = text
+    for key, text in props.items():
+        if key in existing:
+            existing[key].value = text
         else:
-            model.metadata_props.add(key=full, value=text)
+            model.metadata_props.add(key=key, value=text)
 
 
 def _gzip_len(data: bytes) -> int:

@@ -173,8 +173,23 @@ def _artifacts(report) -> list[dict]:
     return out
 
 
+def _preprocessing(model_path: Path) -> tuple[dict | None, list[str] | None]:
+    """The preprocessing record and labels the published file carries in its metadata_props (export writes them
+    from pipeline.preprocessing), repeated as they are there; None for a file exported without them."""
+    import onnx
+
+    from pipeline.preprocessing import LABELS_KEY, PREPROCESSING_KEY, Preprocessing
+
+    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    if PREPROCESSING_KEY not in props:
+        return None, None
+    Preprocessing.from_metadata(props, MODEL_FILE)  # what predict reads, or refused here
+    return json.loads(props[PREPROCESSING_KEY]), json.loads(props.get(LABELS_KEY, "[]"))
+
+
 def _manifest(config, report, name, version, output_sha, content_hash, staging: Path) -> dict:
     s = report.sparsity
+    preprocessing, labels = _preprocessing(staging / MODEL_FILE)
     return {
         "name": name,
         "version": version,
@@ -201,6 +216,8 @@ def _manifest(config, report, name, version, output_sha, content_hash, staging: 
             "structure": report.structure,
             "costs": report.costs,
         },
+        "preprocessing": preprocessing,  # the same records as model.onnx's metadata_props
+        "labels": labels,
         "versions": package_versions(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,8 +1,10 @@
 """The order of the stages, written once: import → masks → sparse_train → export → validate → publish.
 
 `run_all(config, run_stage)` takes how to run one stage: the plain CLI path calls the function, the
-Prefect flow runs it as a task. Each stage gets paths, the config and small records, and returns a small
-record, so a stage can be cached, retried or resumed on its own. Imports no flows/prefect/click.
+Prefect flow runs it as a task. Each stage gets paths, a view of the config holding only the fields it declares in
+STAGE_FIELDS, and small records, and returns a small record, so a stage can be cached, retried or resumed on its
+own. Both paths cache the same way: a finished stage's record is kept in run_dir/.stages/ under a key of what it
+reads (see `cached_call`). Imports no flows/prefect/click.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
 import shutil
 import time
 import traceback
@@ -19,10 +22,40 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import run_dir_for, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
-from pipeline.config import CompressConfig
+from pipeline.config import CompressConfig, ConfigView
 from pipeline.errors import BadInputError, ForceCompressError, NetworkCutError
 
 STAGE_NAMES = ("import", "masks", "sparse-train", "export", "validate", "publish")
+
+# The CompressConfig fields each cached stage reads (through its function and everything it calls). A stage gets a
+# ConfigView of exactly these, which raises on any other field, and its cache key hashes exactly these: so a change
+# of `storage` redoes export and validation, never masks or training. Publish is never cached and reads it all.
+_DATA = frozenset({"data", "val_fraction", "seed"})  # load_data's split and order
+STAGE_FIELDS: dict[str, frozenset[str]] = {
+    "import": frozenset({"image_size", "parity_tol", "train_norm"}),
+    "masks": _DATA | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
+                      "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple", "train_norm",
+                      "device"},
+    "cut": _DATA | {"parity_tol"},
+    "sparse-train": _DATA | {"image_size", "train_norm", "augment", "device", "epochs", "batch_size", "optimizer",
+                             "lr", "momentum", "weight_decay", "lr_schedule"},
+    # method and sparsity: provenance in the file's metadata; _DATA and image_size: its preprocessing (mean/std, labels)
+    "export": _DATA | {"method", "sparsity", "storage", "image_size"},
+    "quantize": _DATA,
+    "validate": _DATA | {"model", "name", "image_size", "device", "method", "sparsity", "min_accuracy",
+                         "baseline_accuracy", "max_drop", "parity_tol"},
+}
+# The run directory holds one request's masks and trained weights: it is keyed on the fields of the stages up to
+# training, less those that only decide whether a check passes (a new --parity-tol redoes import's check in the
+# same directory; its unchanged normalized.onnx keeps the masks' key).
+RUN_DIR_STAGES = ("import", "masks", "cut", "sparse-train")
+CHECK_ONLY_FIELDS = frozenset({"parity_tol"})
+
+
+def run_fingerprint(config: CompressConfig) -> dict:
+    """The fields the run directory is keyed on (with the input model's hash)."""
+    fields = frozenset().union(*(STAGE_FIELDS[s] for s in RUN_DIR_STAGES)) - CHECK_ONLY_FIELDS
+    return config.model_dump(mode="json", include=set(fields))
 
 
 def stage_names(config: CompressConfig) -> tuple[str, ...]:
@@ -46,9 +79,11 @@ class Stage:
     kwargs: dict
     outputs: tuple[str, ...] = ()
     cache: bool = True  # publish is idempotent by content and depends on the registry: never cached
+    run_dir: str | None = None  # where the cached record goes (run_dir/.stages/); None: not cached
 
 
 RunStage = Callable[[Stage], Any]
+OnReused = Callable[[Stage, Any], None]
 
 
 @dataclass(frozen=True)
@@ -87,13 +122,15 @@ class RunSummary:
     structure: str = "unstructured"
     costs: dict = field(default_factory=dict)  # {"input"|"exported": params, non-zero params, MACs per image}
     forms: list = field(default_factory=list)  # each form measured: role, file, size, gzip, top-1, p50 at batch 1/32
+    reused: tuple[str, ...] = ()  # stages whose cached result was reused, in run order
 
     @property
     def exit_code(self) -> int:
         return 0 if self.published else 1
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "failures": list(self.failures), "exit_code": self.exit_code}
+        return {**asdict(self), "failures": list(self.failures), "reused": list(self.reused),
+                "exit_code": self.exit_code}
 
 
 # --- checks before any file is written --------------------------------------------------------------------
@@ -134,7 +171,7 @@ def check_request(config: CompressConfig) -> Request:
     check_writable_dir(config.registry, "registry")
     check_writable_dir(config.runs_dir, "runs-dir")
     source_sha = sha256_file(config.model)
-    run_dir = run_dir_for(config.runs_dir, source_sha, config.fingerprint())
+    run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(config))
     return Request(str(config.model), source_sha, input_shape, num_classes, str(run_dir))
 
 
@@ -200,11 +237,12 @@ def train_stage(normalized_path: str, masks_path: str, run_dir: str, config: Com
 
 def export_stage(normalized_path: str, state_path: str, masks_path: str, run_dir: str, config: CompressConfig,
                  source_sha256: str):
-    from stages.export_onnx import export_onnx
+    from stages.export_onnx import export_onnx, training_preprocessing
 
     provenance = {"source_sha256": source_sha256, "method": config.method, "sparsity": config.sparsity}
     return export_onnx(normalized_path, state_path, Path(run_dir) / "model.sparse.onnx", masks_path=masks_path,
-                       storage=config.storage, provenance=provenance, compact_path=Path(run_dir) / COMPACT_NAME)
+                       storage=config.storage, provenance=provenance, compact_path=Path(run_dir) / COMPACT_NAME,
+                       preprocessing=training_preprocessing(normalized_path, config))
 
 
 COMPACT_NAME = "model.compact.onnx"
@@ -242,29 +280,40 @@ def publish_stage(run_dir: str, report, config: CompressConfig, masks_path: str)
 # --- the order, once ----------------------------------------------------------------------------------------
 
 
-def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | None = None) -> RunSummary:
-    """Run every stage in order through `run_stage`; a gate failure returns a summary with `published`
+def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | None = None,
+            on_reused: OnReused | None = None) -> RunSummary:
+    """Run every stage in order through `run_stage`, except those whose cached result is still good (see
+    `cached_call`; `on_reused(stage, result)` hears of each); a gate failure returns a summary with `published`
     False (nothing is published). Bad input found by a stage removes the run directory this call created."""
     request = request or check_request(config)
     run_dir = Path(request.run_dir)
     created = [p for p in (Path(config.runs_dir), run_dir) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))
+    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))  # the latest request's
     rd = str(run_dir)
     seconds: dict[str, float] = {}
+    reused: list[str] = []
 
     def step(name, fn, outputs=(), cache=True, **kwargs):
+        if cache:  # a cached stage sees, and is keyed on, only the fields it declares
+            kwargs["config"] = ConfigView(config, STAGE_FIELDS[name])
+        stage = Stage(name, fn, kwargs, tuple(str(o) for o in outputs), cache, rd if cache else None)
         t = time.perf_counter()
-        result = run_stage(Stage(name, fn, kwargs, tuple(str(o) for o in outputs), cache))
+        result, hit = cached_call(stage, run_stage)
         seconds[name] = round(time.perf_counter() - t, 3)
+        if hit:
+            reused.append(name)
+            if on_reused is not None:
+                on_reused(stage, result)
         return result
 
     try:
         imported = step("import", import_stage, [run_dir / "normalized.onnx"],
                         model_path=request.model_path, run_dir=rd, config=config)
         normalized = str(imported.normalized_path)
-        masks = step("masks", masks_stage, [run_dir / "masks.npz"], normalized_path=normalized, run_dir=rd,
-                     config=config, input_shape=tuple(request.input_shape), num_classes=request.num_classes)
+        masks = step("masks", masks_stage, [run_dir / "masks.npz", run_dir / "masks.json"],
+                     normalized_path=normalized, run_dir=rd, config=config, input_shape=tuple(request.input_shape),
+                     num_classes=request.num_classes)
         masks_path = str(masks.masks_path)
         if config.cut_check:
             check_cut(masks, config)
@@ -277,6 +326,8 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
             graph, train_masks, uncut = str(cut.cut_path), str(cut.masks_path), normalized
         trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=graph,
                        masks_path=train_masks, run_dir=rd, config=config)
+        if trained.completed and not config.keep_checkpoint:  # trained.pt holds the result: drop the resume state
+            Path(trained.checkpoint_path).unlink(missing_ok=True)
         state_path = str(trained.state_path)
         exported = step("export", export_stage, [run_dir / "model.sparse.onnx"], normalized_path=graph,
                         state_path=state_path, masks_path=train_masks, run_dir=rd, config=config,
@@ -316,7 +367,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         sparsity=report.sparsity.sparsity, target_sparsity=config.sparsity, provider=report.provider,
         sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=seconds,
         report_md=report.report_md, effective_density=masks.effective_density, structure=config.structure,
-        costs=report.costs, forms=[_form_summary(f) for f in report.forms],
+        costs=report.costs, forms=[_form_summary(f) for f in report.forms], reused=tuple(reused),
     )
     write_json_atomic(run_dir / "summary.json", summary.to_dict())
     return summary
@@ -390,7 +441,8 @@ def _describe(name: str, r: Any) -> str:
                 f"parity with the masked model {r.parity_max_rel:.1e}")
     if name == "sparse-train":
         norm = f", train-time BatchNorm on {len(r.train_norm_layers)} fused layer(s)" if r.train_norm_layers else ""
-        return (f"{r.epochs} epoch(s), train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, "
+        resumed = f" (resumed from epoch {r.resumed_from_epoch})" if r.resumed_from_epoch else ""
+        return (f"{r.epochs} epoch(s){resumed}, train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, "
                 f"{r.images_per_s:.0f} img/s{norm}")
     if name == "export":
         compact = f", {Path(r.compact_path).name} ({r.sparse_size_bytes / 1e6:.2f} MB)" if r.compact_path else ""
@@ -407,11 +459,14 @@ def _describe(name: str, r: Any) -> str:
 
 
 def _digest(value: Any) -> Any:
-    """A stable, small stand-in for a stage argument: files by content hash, configs by fingerprint."""
+    """A stable, small stand-in for a stage argument: files by content hash, a config view by its declared fields
+    (a whole config by its fingerprint)."""
+    if isinstance(value, ConfigView):
+        return {"fields": _digest(value.values())}
     if isinstance(value, CompressConfig):
         return value.fingerprint()
     if isinstance(value, str | os.PathLike) and Path(value).is_file():
-        return {"path": str(value), "sha256": sha256_file(value)}
+        return {"path": str(value), "sha256": _file_sha256(value)}
     if is_dataclass(value) and not isinstance(value, type):
         return _digest(asdict(value))
     if isinstance(value, dict):
@@ -435,8 +490,49 @@ def code_version() -> str:
     return h.hexdigest()
 
 
+def _file_sha256(path: str | os.PathLike) -> str:
+    st = os.stat(path)  # trained.pt (~100 MB for a resnet18) is an input of two stages: hash it once per content
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return sha256_file(path)
+
+
 def stage_key(stage: Stage) -> str:
     """Cache key of a stage call: its name and function, the code version, its input files' hashes and the
-    config's fingerprint (never a pickle of the inputs)."""
+    declared config fields' values (never a pickle of the inputs)."""
     fn = f"{stage.fn.__module__}.{stage.fn.__qualname__}"
     return sha256_json({"stage": stage.name, "fn": fn, "code": code_version(), "args": _digest(stage.kwargs)})
+
+
+STAGE_RECORDS = ".stages"
+
+
+def record_path(stage: Stage) -> Path | None:
+    """run_dir/.stages/<stage>.pkl: the last finished call of the stage in this run directory, with its key."""
+    return Path(stage.run_dir) / STAGE_RECORDS / f"{stage.name}.pkl" if stage.cache and stage.run_dir else None
+
+
+def cached_call(stage: Stage, run_stage: RunStage) -> tuple[Any, bool]:
+    """(result, reused): the recorded result when the stage's record has the same key (code version, input files'
+    hashes, declared config fields) and its output files exist; else `run_stage(stage)`, then its record. The
+    record is removed before the stage runs, so one left behind always describes the files beside it, whoever
+    (plain path or flow, this request or another) wrote them last."""
+    path = record_path(stage)
+    if path is None:
+        return run_stage(stage), False
+    key = stage_key(stage)
+    if path.exists() and all(Path(p).exists() for p in stage.outputs):
+        try:
+            # Our own file in our own run directory (as checkpoint.pt is); any unreadable record is a miss.
+            record = pickle.loads(path.read_bytes())
+            if record["key"] == key:
+                return record["result"], True
+        except Exception:  # noqa: BLE001 - a stale or torn record: run the stage
+            pass
+    path.unlink(missing_ok=True)
+    result = run_stage(stage)
+    write_bytes_atomic(path, pickle.dumps({"key": key, "stage": stage.name, "result": result}))
+    return result, False

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -264,6 +265,8 @@ def train_module(
     ckpt_path, hist_path, state_path = run_dir / CHECKPOINT, run_dir / HISTORY, run_dir / TRAINED
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (*run_dir.glob(f".{CHECKPOINT}.*"), *run_dir.glob(f".{TRAINED}.*")):
+            stale.unlink(missing_ok=True)  # the temporary file of a save a killed run never renamed into place
     if len(splits.train) == 0:
         raise DataError("the training split is empty")
 
@@ -299,6 +302,9 @@ def train_module(
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
             _apply_(enforcer)
             enforcer.mask_optimizer_state_(optimizer)
+            if is_main:  # stderr: under Prefect's log_prints this line goes to the run's log
+                print(f"resuming from epoch {start_epoch} of {config.epochs} ({ckpt_path})", file=sys.stderr,
+                      flush=True)
         elif is_main:
             warnings.warn(f"{ckpt_path} belongs to another recipe or other masks; training from scratch", stacklevel=2)
     resumed_from = start_epoch
