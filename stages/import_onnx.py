@@ -76,8 +76,8 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
             if not any(c.startswith("made the batch dimension") for c in changes):
                 raise
             raise UnsupportedOperatorError(
-                f"{model_path.name} was exported with a fixed batch size that the graph hard-codes beyond Reshape "
-                f"targets; export it with a dynamic batch dimension ({e})") from None
+                f"{model_path.name} was exported with a fixed batch size that the graph hard-codes where the import "
+                f"cannot rewrite it; export it with a dynamic batch dimension ({e})") from None
         num_classes = int(logits.shape[-1])
     n_weights = sum(int(np.prod(param_map.entries[n].onnx_shape)) for n in param_map.prunable)
     return ImportResult(

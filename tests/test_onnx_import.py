@@ -248,3 +248,93 @@ def test_batchnorm_scale_merged_with_running_var_is_separated(tmp_path):
     module, _ = load_module(result.normalized_path)
     trainable = {n for n, _ in module.named_parameters()}
     assert sum(n.endswith(("BatchNormalization.weight", "BatchNormalization.bias")) for n in trainable) == 2, trainable
+
+
+# --- pools with asymmetric pads: onnxruntime is the reference ----------------------------------------------------
+POOL_CASES = {
+    "avg-pads-end-cip0": ("AveragePool", 11, (9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])),
+    "avg-pads-begin-cip1-ceil": ("AveragePool", 11, (9, 8), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 0, 1],
+                                                                 count_include_pad=1, ceil_mode=1)),
+    "avg-pads-cip0-ceil": ("AveragePool", 19, (8, 9), dict(kernel_shape=[2, 3], strides=[2, 2], pads=[0, 1, 1, 2],
+                                                           ceil_mode=1)),
+    "avg-same-upper-cip1": ("AveragePool", 11, (7, 8), dict(kernel_shape=[3, 3], strides=[2, 2],
+                                                            auto_pad="SAME_UPPER", count_include_pad=1)),
+    "avg-same-lower-cip0": ("AveragePool", 10, (7, 8), dict(kernel_shape=[2, 2], strides=[2, 2],
+                                                            auto_pad="SAME_LOWER")),
+    "avg-1d-cip1": ("AveragePool", 11, (7,), dict(kernel_shape=[3], strides=[2], pads=[2, 1], count_include_pad=1)),
+    "avg-3d-ceil": ("AveragePool", 11, (5, 6, 4), dict(kernel_shape=[2, 2, 2], strides=[2, 2, 2],
+                                                       pads=[0, 1, 0, 1, 0, 1], ceil_mode=1)),
+    "avg-v7-inception": ("AveragePool", 7, (6, 6), dict(kernel_shape=[7, 7], strides=[1, 1], pads=[0, 0, 1, 1])),
+    "max-pads-end-ceil": ("MaxPool", 12, (8, 8), dict(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1],
+                                                      ceil_mode=1)),
+    "max-same-upper-dilated": ("MaxPool", 12, (9, 10), dict(kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 2],
+                                                            auto_pad="SAME_UPPER")),
+    "max-1d": ("MaxPool", 8, (7,), dict(kernel_shape=[3], strides=[2], pads=[2, 0])),
+}
+
+
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_pools_with_asymmetric_pads_match_onnxruntime(case):
+    op, opset, size, attrs = POOL_CASES[case]
+    out_shape = ["N", 3, *(f"d{i}" for i in range(len(size)))]
+    model = _model([oh.make_node(op, ["x"], ["y"], **attrs)], {}, ["N", 3, *size], out_shape, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    module, _ = to_torch(model)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    y_ort = runtime.run(runtime.session(model.SerializeToString()), x.numpy())
+    with torch.no_grad():
+        y = module.eval()(x)
+    assert y.shape == y_ort.shape
+    np.testing.assert_allclose(y.numpy(), y_ort, rtol=1e-5, atol=1e-6)
+
+
+# --- a fixed batch: only what provably is the batch is rewritten --------------------------------------------------
+def test_fixed_batch_rewrites_the_batch_and_leaves_other_leading_ones(tmp_path):
+    """`t_data` reshapes the data (batch-major): its leading 1 is the batch. `t_const` reshapes a constant with the
+    same target: its leading 1 is not, and stays."""
+    rng = np.random.default_rng(0)
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Reshape", ["h", "t_data"], ["r"], name="data"),
+             oh.make_node("Reshape", ["c", "t_const"], ["k"], name="const"), oh.make_node("Add", ["r", "k"], ["s"]),
+             oh.make_node("Reshape", ["s", "t_out"], ["y"], name="out")]
+    inits = {"w": rng.normal(size=(16, 8)).astype(np.float32), "c": rng.normal(size=8).astype(np.float32),
+             "t_data": _i64(1, 2, 4), "t_const": _i64(1, 2, 4), "t_out": _i64(1, 8)}
+    r = import_onnx(_save(_model(nodes, inits, [1, 16], [1, 8]), tmp_path / "fixed.onnx"), tmp_path / "out")
+    assert any("2 Reshape targets: data, out" in c for c in r.changes), r.changes
+    targets = {t.name: numpy_helper.to_array(t).tolist() for t in onnx.load(str(r.normalized_path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT64}
+    assert targets == {"t_data": [0, 2, 4], "t_const": [1, 2, 4], "t_out": [0, 8]}
+
+
+def test_fixed_batch_allowzero_target_with_a_minus_one_reads_the_batch_at_run_time(tmp_path):
+    """The dynamo exporter writes allowzero=1 on every Reshape: `view(1, -1, 4)` at batch 1 can take neither 0 nor
+    a second -1, so the batch size is read from the input (Shape -> Gather -> Concat)."""
+    rng = np.random.default_rng(0)
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["h"]),
+             oh.make_node("Reshape", ["h", "t1"], ["r"], name="split_heads", allowzero=1),
+             oh.make_node("Relu", ["r"], ["a"]), oh.make_node("Reshape", ["a", "t2"], ["f"], name="merge", allowzero=1),
+             oh.make_node("MatMul", ["f", "w2"], ["y"])]
+    inits = {"w": rng.normal(size=(16, 8)).astype(np.float32), "w2": rng.normal(size=(8, 10)).astype(np.float32),
+             "t1": _i64(1, -1, 4), "t2": _i64(1, 8)}
+    r = import_onnx(_save(_model(nodes, inits, [1, 16], [1, 10]), tmp_path / "dynamo.onnx"), tmp_path / "out")
+    assert any("1 Reshape targets read the batch size at run time" in c and "split_heads" in c for c in r.changes)
+    assert any("1 Reshape targets: merge" in c for c in r.changes), r.changes
+    model = onnx.load(str(r.normalized_path))
+    assert [n.op_type for n in model.graph.node if n.name.startswith("batch/")] == ["Shape", "Gather", "Concat"]
+    module, _ = load_module(r.normalized_path)
+    x = torch.randn(5, 16)
+    y_ort = runtime.run(runtime.session(r.normalized_path), x.numpy())
+    np.testing.assert_allclose(module.eval()(x).detach().numpy(), y_ort, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_batch_is_followed_through_a_target_read_with_shape_and_gather(tmp_path):
+    """`view(x.size(0), -1)` as the TorchScript exporter writes it (Shape -> Gather -> Unsqueeze -> Concat) keeps the
+    batch where it was; the literal batch of the Reshape after it is then known to be the batch and rewritten."""
+    rng = np.random.default_rng(0)
+    nodes = [oh.make_node("Shape", ["x"], ["s"]), oh.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             oh.make_node("Unsqueeze", ["n", "axes"], ["n1"]), oh.make_node("Concat", ["n1", "minus1"], ["t"], axis=0),
+             oh.make_node("Reshape", ["x", "t"], ["f"], name="flatten"), oh.make_node("MatMul", ["f", "w"], ["h"]),
+             oh.make_node("Reshape", ["h", "t_out"], ["y"], name="out")]
+    inits = {"zero": np.asarray(0, np.int64), "axes": _i64(0), "minus1": _i64(-1),
+             "w": rng.normal(size=(16, 8)).astype(np.float32), "t_out": _i64(1, 2, 4)}
+    r = import_onnx(_save(_model(nodes, inits, [1, 4, 2, 2], [1, 2, 4]), tmp_path / "ts.onnx"), tmp_path / "out")
+    assert any("1 Reshape targets: out" in c for c in r.changes), r.changes

@@ -5,4 +5,15 @@ module here adds one operator family, keyed by (domain, operator, version) like 
 Importing this package registers them (once).
 """
 
-from stages.onnx_convert.ops import cast_like, dropout, gelu, pad, reduce, reshape, resize, split, type_only  # noqa: F401
+from stages.onnx_convert.ops import (  # noqa: F401
+    cast_like,
+    dropout,
+    gelu,
+    pad,
+    pool,
+    reduce,
+    reshape,
+    resize,
+    split,
+    type_only,
+)
