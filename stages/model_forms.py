@@ -40,7 +40,7 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
     records = []
     for form, session in zip(forms, sessions, strict=True):
         model = onnx.load(str(form.path), load_external_data=False)
-        top1, top5, _ = _accuracy(session, session.get_inputs()[0].name, val, _fixed_batch(model))
+        top1, top5 = _accuracy(session, session.get_inputs()[0].name, val, _fixed_batch(model))
         sparsity = file_sparsity(model)
         data = form.path.read_bytes()
         records.append({"role": form.role, "file": form.path.name, "path": str(form.path),

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from stages.onnx_convert.channel_deps import ChannelAnalysis, ChannelGroup, Plan, analyze
+from stages.onnx_convert.passes._graph import fresh_name
 
 __all__ = ["cut_channels", "mask_channels"]
 
@@ -174,11 +175,7 @@ def _fix_reshapes(plan: Plan, nodes: list[ir.Node], graph: ir.Graph, kept: Mappi
             producer.attributes["value"] = ir.AttrTensor("value", ir.tensor(values, name=target.name))
             changed.add(target.name)
             continue
-        name, k = f"{target.name}__cut", 1
-        while name in taken:
-            k += 1
-            name = f"{target.name}__cut{k}"
-        taken.add(name)
+        name = fresh_name(taken, f"{target.name}__cut")
         new = ir.Value(name=name, shape=ir.Shape(values.shape), type=ir.TensorType(ir.DataType.INT64),
                        const_value=ir.tensor(values, name=name))
         graph.register_initializer(new)

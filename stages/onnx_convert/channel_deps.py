@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from stages.onnx_convert.passes._graph import FLOAT_TYPES, real_inputs
+from stages.onnx_convert.passes._graph import FLOAT_TYPES, constant_value, real_inputs
 
 __all__ = ["Blocked", "ChannelAnalysis", "ChannelGroup", "HANDLERS", "Plan", "TensorSlice", "analyze",
            "analyze_channels", "channel_handler"]
@@ -237,7 +237,7 @@ class _Builder:
                 if math.prod(t.dims) <= 64:
                     value = numpy_helper.to_array(t)
             elif name in self.constants:
-                value = _constant_value(self.constants[name])
+                value = constant_value(self.constants[name])
             self._const_cache[name] = value
         return self._const_cache[name]
 
@@ -303,21 +303,6 @@ class _Builder:
         for sa, sb in zip(a.segs, b.segs, strict=True):
             self.sets.union(sa.set, sb.set)
         return True
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_int":
-            return np.asarray(a.i, dtype=np.int64)
-        if a.name == "value_ints":
-            return np.asarray(list(a.ints), dtype=np.int64)
-        if a.name == "value_float":
-            return np.asarray(a.f, dtype=np.float32)
-        if a.name == "value_floats":
-            return np.asarray(list(a.floats), dtype=np.float32)
-    return None
 
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
@@ -551,16 +536,25 @@ def _layer_norm(b: _Builder, node: onnx.NodeProto) -> None:
     b.set_layout(node.output[0], lay)  # blocked or not, the same channels come out
 
 
-@channel_handler("Softmax", "LogSoftmax", "Hardmax")
-def _softmax(b: _Builder, node: onnx.NodeProto) -> None:
+def _layout_rank(b: _Builder, node: onnx.NodeProto):
+    """(layout, rank) of the node's first input; None when it carries no channels, or when shape inference gave
+    it no rank (then the channels are blocked here)."""
     lay, r = b.layout(node.input[0]), b.rank(node.input[0])
     if lay is None:
-        return
-    axis = _attr(node, "axis", -1 if b.opset >= 13 else 1)
+        return None
     if r is None:
         b.block(lay, node, "rank unknown to shape inference")
+        return None
+    return lay, r
+
+
+@channel_handler("Softmax", "LogSoftmax", "Hardmax")
+def _softmax(b: _Builder, node: onnx.NodeProto) -> None:
+    found = _layout_rank(b, node)
+    if found is None:
         return
-    axis = _axis(int(axis), r)
+    lay, r = found
+    axis = _axis(int(_attr(node, "axis", -1 if b.opset >= 13 else 1)), r)
     mixes = lay.axis == axis if b.opset >= 13 else lay.axis >= axis
     if mixes:
         b.block(lay, node, f"{node.op_type} normalises across the channels")
@@ -708,12 +702,10 @@ def _shape_dim(b: _Builder, name: str) -> tuple[str, object]:
 
 @channel_handler("Transpose")
 def _transpose(b: _Builder, node: onnx.NodeProto) -> None:
-    lay, r = b.layout(node.input[0]), b.rank(node.input[0])
-    if lay is None:
+    found = _layout_rank(b, node)
+    if found is None:
         return
-    if r is None:
-        b.block(lay, node, "rank unknown to shape inference")
-        return
+    lay, r = found
     perm = [_axis(int(p), r) for p in _attr(node, "perm", list(range(r))[::-1])]
     b.set_layout(node.output[0], lay.moved(perm.index(lay.axis)))
 
@@ -811,12 +803,10 @@ def _pad(b: _Builder, node: onnx.NodeProto) -> None:
 
 @channel_handler("Resize", "Upsample")
 def _resize(b: _Builder, node: onnx.NodeProto) -> None:
-    lay, r = b.layout(node.input[0]), b.rank(node.input[0])
-    if lay is None:
+    found = _layout_rank(b, node)
+    if found is None:
         return
-    if r is None:
-        b.block(lay, node, "rank unknown to shape inference")
-        return
+    lay, r = found
     axes = [_axis(a, r) for a in _attr(node, "axes", list(range(r)))]
     if lay.axis not in axes:
         b.set_layout(node.output[0], lay)
@@ -880,12 +870,10 @@ def _split(b: _Builder, node: onnx.NodeProto) -> None:
 @channel_handler("Shape")
 def _shape(b: _Builder, node: onnx.NodeProto) -> None:
     """Reading the shape is fine unless the channel count is read: Gather/Slice of other dimensions only."""
-    lay, r = b.layout(node.input[0]), b.rank(node.input[0])
-    if lay is None:
+    found = _layout_rank(b, node)
+    if found is None:
         return
-    if r is None:
-        b.block(lay, node, "rank unknown to shape inference")
-        return
+    lay, r = found
     start = _axis(int(_attr(node, "start", 0)), r)
     end = _attr(node, "end")
     end = r if end is None else min(_axis(int(end), r), r)

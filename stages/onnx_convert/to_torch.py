@@ -27,7 +27,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 import stages.onnx_convert.ops  # noqa: F401  (registers the converters for newer opsets)
 from pipeline.errors import UnsupportedOperatorError
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
-from stages.onnx_convert.passes._graph import FLOAT_TYPES, PRUNABLE_SLOTS
+from stages.onnx_convert.passes._graph import FLOAT_TYPES, PRUNABLE_SLOTS, fresh_name
 
 # container operands that are trained (op type -> input indices; None = all)
 _TRAINABLE_OPERANDS: dict[str, tuple[int, ...] | None] = {
@@ -166,12 +166,7 @@ def _attr_name(initializer: str, taken: set[str]) -> str:
     base = re.sub(r"\W", "_", initializer).strip("_") or "initializer"
     if base[0].isdigit():
         base = f"w_{base}"
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
+    return fresh_name(taken, base, sep="_")
 
 
 def _make_trainable(gm: fx.GraphModule, model: onnx.ModelProto) -> ParamMap:

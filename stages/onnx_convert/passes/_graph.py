@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -61,3 +62,29 @@ def remove_initializer(model: onnx.ModelProto, name: str) -> None:
 
 def copy_tensor(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(tensor).copy(), name)
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value a Constant node holds (`value`, `value_int(s)`, `value_float(s)`), or None for other forms."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_int":
+            return np.asarray(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.asarray(list(a.ints), dtype=np.int64)
+        if a.name == "value_float":
+            return np.asarray(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.asarray(list(a.floats), dtype=np.float32)
+    return None
+
+
+def fresh_name(taken: set[str], base: str, sep: str = "") -> str:
+    """`base`, or `base{sep}2`, `base{sep}3`, … : the first not in `taken`, which it joins."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{sep}{k}"
+    taken.add(name)
+    return name

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from stages.onnx_convert.passes._graph import constant_value
+
 Dims = list[int | None]
 _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 _SMALL = 1024  # int tensors up to this size are read as shape values
@@ -175,11 +177,8 @@ class ShapeValues:
 
 
 def _constant(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value" and a.t.data_type in _INT_TYPES and _numel(a.t) <= _SMALL:
-            return numpy_helper.to_array(a.t).astype(np.int64)
-        if a.name == "value_int":
-            return np.asarray(a.i, dtype=np.int64)
-        if a.name == "value_ints":
-            return np.asarray(list(a.ints), dtype=np.int64)
-    return None
+    """A Constant node's value when it is a small int tensor (a shape value)."""
+    if any(a.name == "value" and (a.t.data_type not in _INT_TYPES or _numel(a.t) > _SMALL) for a in node.attribute):
+        return None
+    value = constant_value(node)
+    return None if value is None or value.dtype.kind not in "iu" else value.astype(np.int64)

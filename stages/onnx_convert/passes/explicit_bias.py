@@ -12,7 +12,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from stages.onnx_convert.passes._graph import FLOAT_TYPES, add_initializer, all_names, consumers, initializer_map
+from stages.onnx_convert.passes._graph import (
+    FLOAT_TYPES,
+    add_initializer,
+    all_names,
+    consumers,
+    fresh_name,
+    initializer_map,
+)
 
 NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
                       "LpNormalization", "LRN"})
@@ -47,11 +54,7 @@ def run(model: onnx.ModelProto) -> list[str]:
         features = _out_features(node, weight)
         if features is None:
             continue
-        name, k = f"{weight.name}__bias", 1
-        while name in taken:
-            k += 1
-            name = f"{weight.name}__bias{k}"
-        taken.add(name)
+        name = fresh_name(taken, f"{weight.name}__bias")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)
         add_initializer(model, numpy_helper.from_array(np.zeros(features, dtype=dtype), name))
         while len(node.input) < 2:

@@ -11,19 +11,11 @@ from onnx import numpy_helper
 from stages.onnx_convert.passes._graph import (
     FLOAT_TYPES,
     add_initializer,
+    constant_value,
     consumers,
     initializer_map,
     remove_initializer,
 )
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_floats":
-            return np.asarray(attr.floats, dtype=np.float32)
-    return None
 
 
 def _constant_of_shape(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -44,7 +36,7 @@ def run(model: onnx.ModelProto) -> list[str]:
     changes, folded, dropped_nodes = [], 0, []
     for node in graph.node:
         if node.op_type == "Constant":
-            value = _constant_value(node)
+            value = constant_value(node)
             if value is None:
                 continue
             if value.dtype == np.int64:
