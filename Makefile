@@ -13,10 +13,16 @@ QUANTIZE ?=
 DATA ?=
 EPOCHS ?=
 DEVICE ?=
+NPROC ?=
 REGISTRY ?=
 QUICK ?=
+# `make sweep` knobs (and the ones above, less SPARSITY and METHOD); empty ones: the sweep command's defaults.
+SPARSITIES ?=
+METHODS ?=
+MAX_DROP ?=
+JOBS ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured compress serve clean distclean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured compress sweep serve clean distclean
 
 install: $(BIN)/.installed
 
@@ -59,7 +65,15 @@ compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) \
 		$(if $(QUANTIZE),--quantize $(QUANTIZE)) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(NPROC),--nproc $(NPROC)) \
+		$(if $(REGISTRY),--registry $(REGISTRY))
+
+# One cell per method and sparsity, the Pareto table and plot in runs/sweep-*/, the sparsest passing model published.
+sweep: install $(MODEL)
+	$(FC) sweep $(MODEL) $(if $(SPARSITIES),--sparsities $(SPARSITIES)) $(if $(METHODS),--methods $(METHODS)) \
+		$(if $(MAX_DROP),--max-drop $(MAX_DROP)) $(if $(JOBS),--jobs $(JOBS)) \
+		$(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(NPROC),--nproc $(NPROC)) \
 		$(if $(REGISTRY),--registry $(REGISTRY))
 
 serve: install

@@ -99,31 +99,31 @@ def _compress(**params) -> dict:
     return summary.to_dict()
 
 
-def _signature_from_config() -> tuple[inspect.Signature, str]:
-    """CompressConfig's fields as keyword parameters (types with their constraints, defaults) and an
-    Args docstring from their descriptions, for Prefect's parameter schema."""
-    params = []
-    doc = ["Prune an ONNX classifier at initialization, sparse-train, validate and publish it.", "", "Args:"]
-    for name, f in CompressConfig.model_fields.items():
+def signature_from_config(fn, name: str, summary: str, *, exclude=(), extra: dict | None = None) -> None:
+    """Give `fn` CompressConfig's fields (less `exclude`; `extra` maps a name to (annotation, default, description),
+    placed after `model`) as keyword parameters with their types, constraints and defaults, and an Args docstring
+    from their descriptions: Prefect's parameter schema, which then cannot drift from the config. `name` is the
+    module attribute the flow is bound to (Prefect loads a served flow back by `<module>:<name>`)."""
+    fields = [(n, f) for n, f in CompressConfig.model_fields.items() if n not in exclude]
+    params, doc = [], [summary, "", "Args:"]
+
+    def add(n, annotation, default, description):
+        params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+        doc.append(f"    {n}: {description}")
+
+    for n, f in fields:
         annotation = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
-        default = inspect.Parameter.empty if f.is_required() else f.default
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
-        doc.append(f"    {name}: {f.description}")
-    return inspect.Signature(params, return_annotation=dict), "\n".join(doc)
+        add(n, annotation, inspect.Parameter.empty if f.is_required() else f.default, f.description)
+        if n == "model":
+            for e, (annotation, default, description) in (extra or {}).items():
+                add(e, annotation, default, description)
+    fn.__signature__ = inspect.Signature(params, return_annotation=dict)
+    fn.__doc__ = "\n".join(doc)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    fn.__name__ = fn.__qualname__ = name
 
 
-_compress.__signature__, _compress.__doc__ = _signature_from_config()
-_compress.__annotations__ = {p.name: p.annotation for p in _compress.__signature__.parameters.values()}
-# Prefect loads a served flow back by `<file>:<function name>`: the name must be this module's flow attribute.
-_compress.__name__ = _compress.__qualname__ = "force_compress"
+signature_from_config(_compress, "force_compress",
+                      "Prune an ONNX classifier at initialization, sparse-train, validate and publish it.")
 
 force_compress = flow(_compress, name=FLOW_NAME, log_prints=True, persist_result=False, validate_parameters=True)
-
-
-def serve() -> None:
-    """Serve the deployment `force-compress/force-compress` until interrupted. It needs a Prefect API
-    (PREFECT_API_URL, e.g. a local `prefect server start`; README, "Running it with Prefect"). The entrypoint is the
-    module path, so the deployment runs wherever this package is installed, whatever the directory."""
-    from prefect.types.entrypoint import EntrypointType
-
-    force_compress.serve(name=DEPLOYMENT_NAME, pause_on_shutdown=False, entrypoint_type=EntrypointType.MODULE_PATH)

@@ -221,24 +221,26 @@ def _config_option(name: str, field):
     return click.option(flag, name, type=ann, default=None, help=help_)
 
 
-def _config_options(fn):
+def _config_options(fn, exclude=("model",)):
     from pipeline.config import CompressConfig
 
     for name, field in reversed(list(CompressConfig.model_fields.items())):
-        if name != "model":
+        if name not in exclude:
             fn = _config_option(name, field)(fn)
     return fn
 
 
-def _stage_printer(names: tuple[str, ...]):
+def _stage_printer(names: tuple[str, ...], labels: dict | None = None):
     """(`run_stage`, `on_reused`) for the plain path: call the stage, then one line about it on stderr; a stage
-    whose cached result is reused gets one line saying so."""
+    whose cached result is reused gets one line saying so. `labels` (run directory → label) prefixes each line with
+    the sweep cell it belongs to."""
     from stages.run_all import call_stage, describe
 
     total = len(names)
 
     def where(stage) -> str:
-        return f"[{names.index(stage.name) + 1 if stage.name in names else 0}/{total}]"
+        label = (labels or {}).get(stage.run_dir)
+        return (f"{label} " if label else "") + f"[{names.index(stage.name) + 1 if stage.name in names else 0}/{total}]"
 
     def run_stage(stage):
         click.echo(f"{where(stage)} {stage.name} ...", err=True)
@@ -284,6 +286,41 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"  report: {summary['report_md']}")
 
 
+@contextlib.contextmanager
+def _prefect_api_starting(wanted: bool):
+    """Start Prefect's temporary API (no PREFECT_API_URL set) in a thread while the block checks the input, and wait
+    for it at the block's end: its ~4 s start-up overlaps the checks instead of following them, and the flow finds
+    the same server (Prefect keeps one per process). Bad input in the block kills it at once, so the error is not
+    held up by its shutdown. With an API configured, or none wanted, nothing happens."""
+    import threading
+
+    if not wanted:
+        yield
+        return
+    servers = []
+
+    def start():  # imports included: ~2.5 s of Prefect's server modules that bad input never needs
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        servers.append(SubprocessASGIServer())
+        with contextlib.suppress(Exception):  # the flow starts it again and reports what goes wrong
+            servers[0].start()
+
+    thread = threading.Thread(target=start, name="prefect-api", daemon=True)
+    thread.start()
+    try:
+        yield
+    except BaseException:
+        if servers and servers[0].server_process is not None:
+            servers[0].server_process.kill()
+        raise
+    thread.join()
+
+
 def _run_flow(config, run_dir: str) -> dict:
     """The pipeline through the Prefect flow (ephemeral API unless PREFECT_API_URL is set)."""
     import json
@@ -325,8 +362,9 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     from stages.run_all import check_request, run_all, stage_names
 
     start = time.perf_counter()
-    config = make_config(model=model, **fields)
-    request = check_request(config)  # bad input stops here, before any file is written
+    config = make_config(model=model, **fields)  # a bad option stops here, before Prefect is touched
+    with _prefect_api_starting(not no_prefect):
+        request = check_request(config)  # bad input stops here, before any file is written
     # With --json, stdout carries the summary only: whatever a stage prints goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
@@ -351,11 +389,100 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
 
 
 @main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--sparsities", default="0.9,0.95,0.98,0.99", show_default=True,
+              help="comma-separated sparsities, each in (0, 1): one cell per method and sparsity")
+@click.option("--methods", default="force", show_default=True, help="comma-separated mask methods (as --method)")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="cells run at once (each trains on its own; 1 on a small CPU)")
+@functools.partial(_config_options, exclude=("model", "sparsity", "method"))
+@click.option("--json", "as_json", is_flag=True, help="print one machine-readable summary on stdout")
+@click.option("--no-prefect", is_flag=True, help="run the stages as plain calls, without the Prefect flow")
+@_handle_errors
+def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, no_prefect: bool, **fields) -> None:
+    """Compress MODEL at several sparsities (and methods), tabulate and plot top-1 against size and latency, and
+    publish the sparsest model that passes its gate.
+
+    \b
+    The dense network is trained first with the same budget: its top-1 is the baseline of --max-drop (unless
+    --baseline-accuracy is given). Each cell is a compress run without publishing, cached in its own run
+    directory; the table (sweep.md, sweep.json) and the plot (pareto.png) go to RUNS_DIR/sweep-*/.
+
+    \b
+    Exit codes:
+      0  the sparsest passing cell is published
+      1  no cell passed its gate (the table says why), or the masks cut the network
+      2  bad input (model, data, options, an empty or out-of-range --sparsities), checked before any work
+      3  environment (CUDA asked for but absent, no Prefect API, registry unreachable)
+      4  internal error (traceback in the cell's run directory's error.txt)"""
+    import json
+    import traceback
+
+    from stages.run_all import stage_names
+    from stages.sweep import baseline_run_dir, parse_methods, parse_sparsities, plan_sweep, run_sweep
+
+    start = time.perf_counter()
+    sparsities, methods = parse_sparsities(sparsities), parse_methods(methods)  # before Prefect is touched
+    with _prefect_api_starting(not no_prefect):
+        plan = plan_sweep({"model": model, **fields}, sparsities, methods, jobs)  # bad input stops here
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    try:
+        with quiet:
+            if no_prefect:
+                labels = {r.run_dir: plan.label(i) for i, r in enumerate(plan.requests)}
+                labels[str(baseline_run_dir(plan.base, plan.requests[0]))] = "dense"
+                run_stage, on_reused = _stage_printer(stage_names(plan.base), labels)
+                summary = run_sweep(plan, run_stage, on_reused=on_reused).to_dict()
+            else:
+                summary = _run_sweep_flow(plan, sparsities, methods, jobs, {"model": model, **fields})
+    except ForceCompressError:
+        raise
+    except Exception as e:  # internal error: exit 4, never 1
+        traceback.print_exc()
+        click.echo(f"internal error: {type(e).__name__}: {e}", err=True)
+        sys.exit(4)
+    summary = {**summary, "prefect": not no_prefect, "seconds_wall": round(time.perf_counter() - start, 2)}
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        _print_sweep(summary)
+    sys.exit(summary["exit_code"])
+
+
+def _run_sweep_flow(plan, sparsities, methods, jobs: int, fields: dict) -> dict:
+    """The sweep through the Prefect flow; with no cell passing, the summary it wrote (exit 1)."""
+    import json
+    from pathlib import Path
+
+    from flows.sweep import force_compress_sweep
+
+    params = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return force_compress_sweep(**params, sparsities=list(plan.sparsities), methods=list(plan.methods), jobs=jobs)
+    except GateFailedError:
+        path = Path(plan.sweep_dir) / "sweep.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        raise
+
+
+def _print_sweep(summary: dict) -> None:
+    from pathlib import Path
+
+    click.echo(Path(summary["table_md"]).read_text().split("\n![")[0].rstrip())
+    click.echo(f"  table: {summary['table_md']}\n  plot:  {summary['plot_png']}\n  json:  {summary['summary_json']}")
+    click.echo(f"  seconds: {summary['seconds']}")
+
+
+@main.command()
 @_handle_errors
 def serve() -> None:
-    """Serve the Prefect deployment force-compress/force-compress (needs PREFECT_API_URL; see the README).
+    """Serve the Prefect deployments force-compress/force-compress and force-compress-sweep/force-compress-sweep
+    (needs PREFECT_API_URL; see the README).
 
-    Then: prefect deployment run force-compress/force-compress --param model=/abs/model.onnx --param sparsity=0.9"""
+    \b
+    Then: prefect deployment run force-compress/force-compress --param model=/abs/model.onnx --param sparsity=0.9
+     or:  prefect deployment run force-compress-sweep/force-compress-sweep --param model=/abs/model.onnx"""
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")  # pick runs up within ~2 s (default 10)
     from prefect.settings import PREFECT_API_URL
 
@@ -367,7 +494,7 @@ def serve() -> None:
     _check_prefect_api(str(PREFECT_API_URL.value()))
     import httpx
 
-    from flows.compress import serve as serve_deployment
+    from flows.sweep import serve as serve_deployment
 
     try:
         serve_deployment()

@@ -52,6 +52,9 @@ class CompressConfig(BaseModel):
     lr_schedule: Literal["cosine", "step"] = Field("cosine", description="cosine, or step (x0.1 at 50% and 75%)")
     seed: int = Field(0, description="seed for masks, data split and training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device (onnxruntime follows)")
+    nproc: int = Field(1, ge=1, description="processes for the sparse-train stage (data-parallel under torchrun): "
+                                            "one per GPU where there are GPUs (NCCL), else CPU processes (gloo); "
+                                            "the other stages run once")
 
     storage: Literal["dense", "sparse"] = Field("dense", description="exported weights: dense, or sparse_initializer")
     quantize: Literal["none", "int8"] = Field(
@@ -64,7 +67,8 @@ class CompressConfig(BaseModel):
     cut_check: bool = Field(True, description="stop before training when the masks cut every input→output path")
 
     name: str | None = Field(None, description="model name in the registry (default: the file's stem)")
-    registry: str = Field("registry", description="registry directory")
+    registry: str = Field("registry", description="registry directory, or mlflow:URI for an MLflow Model Registry "
+                                                  "(mlflow:sqlite:///PATH.db or mlflow:http://HOST:PORT)")
     runs_dir: str = Field("runs", description="where run directories go")
     keep_checkpoint: bool = Field(False, description="keep the run directory's checkpoint.pt (resumable training "
                                                      "state) once trained.pt is written")

@@ -1,12 +1,14 @@
-"""Publish a model that passed the gate into the registry: `registry/<model-name>/<version>/`. Imports no
-flows/prefect/click.
+"""Publish a model that passed the gate into the registry: `registry/<model-name>/<version>/`, or, for
+`--registry mlflow:URI`, an MLflow Model Registry (stages/publish_mlflow.py; `publish` is the one place that
+chooses). Imports no flows/prefect/click.
 
 Versions are `v1`, `v2`, … in publishing order. A version's identity is its content hash (the sha256 of
 the exported ONNX bytes and of the mask file): publishing the same content again returns the version
 that already holds it instead of adding a duplicate. A version is assembled in a hidden staging
 directory beside it and renamed into place, so a reader never sees half of one; choosing the number and
 the rename happen under an exclusive `fcntl` lock on `registry/<model-name>/.lock`, so processes
-publishing at once each get a consistent answer.
+publishing at once each get a consistent answer. Both targets identify a version by the same content hash
+(`version_content`).
 """
 
 from __future__ import annotations
@@ -35,14 +37,31 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^v(\d+)$")
 
 
+MLFLOW_PREFIX = "mlflow:"
+
+
 @dataclass(frozen=True)
 class PublishResult:
     name: str
     version: str
-    path: str  # the version directory
+    path: str  # the version directory (MLflow: the models:/NAME/VERSION URI)
     model_path: str
     content_hash: str
     created: bool  # False when the same content was already published under `version`
+
+
+@dataclass(frozen=True)
+class VersionContent:
+    """What a version holds, gathered from a run: each file under its name in the version, and its identity."""
+
+    files: dict  # name in the version -> the run's file (Path)
+    output_sha: str  # sha256 of the primary model file
+    content_hash: str  # sha256 over the model, the masks and every extra form: what "the same content" means
+
+
+def mlflow_uri(registry: str) -> str | None:
+    """The tracking URI of an `mlflow:URI` registry; None for a registry directory."""
+    return registry[len(MLFLOW_PREFIX):] if str(registry).startswith(MLFLOW_PREFIX) else None
 
 
 def check_model_name(name: str) -> str:
@@ -69,20 +88,33 @@ def publish(
     *,
     masks_path: str | Path | None = None,
 ) -> PublishResult:
-    """Copy the exported model, its report and masks into a new registry version with a manifest.
+    """Copy the exported model, its report and masks into a new registry version with a manifest; with
+    `config.registry` = `mlflow:URI`, register it in that MLflow Model Registry instead.
 
     `report` is the ValidationReport of the run (or the path of its report.json); a report that did
     not pass the gate is refused with GateFailedError.
     """
     from stages.validate import ValidationReport, load_report
 
-    run_dir = Path(run_dir)
     if not isinstance(report, ValidationReport):
         report = load_report(report)
     if not report.passed:
         raise GateFailedError("refusing to publish: the validation gate failed: " + "; ".join(report.failures))
     name = check_model_name(config.model_name)
-    masks_path = Path(masks_path) if masks_path else run_dir / "masks.npz"
+    content = version_content(run_dir, report, masks_path)
+    uri = mlflow_uri(config.registry)
+    if uri is not None:
+        from stages.publish_mlflow import publish_to_mlflow
+
+        return publish_to_mlflow(uri, name, content, report, config)
+    return _publish_to_directory(name, content, report, config)
+
+
+def version_content(run_dir: str | Path, report, masks_path: str | Path | None = None) -> VersionContent:
+    """The files a version of this run holds (BadInputError when one is missing) and its content hash: the
+    sha256 of the exported ONNX bytes, of the mask file and of every extra form. Every publish target
+    identifies a version by it."""
+    masks_path = Path(masks_path) if masks_path else Path(run_dir) / "masks.npz"
     exported = Path(report.exported_path)
 
     files = {MODEL_FILE: exported, "report.json": Path(report.report_json), "report.md": Path(report.report_md),
@@ -99,13 +131,18 @@ def publish(
     output_sha = sha256_file(exported)
     content_hash = sha256_json({"model": output_sha, "masks": sha256_file(masks_path),
                                 **{role: f["sha256"] for role, f in sorted(extra.items())}})
+    return VersionContent(files, output_sha, content_hash)
+
+
+def _publish_to_directory(name: str, content: VersionContent, report, config: CompressConfig) -> PublishResult:
+    content_hash = content.content_hash
     root = Path(config.registry) / name
     root.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     os.chmod(staging, DIR_MODE)
     try:
-        for dest, src in files.items():
+        for dest, src in content.files.items():
             shutil.copyfile(src, staging / dest)
         with _locked(root / ".lock"):
             for v in versions(config.registry, name):
@@ -113,7 +150,7 @@ def publish(
                     return PublishResult(name, v, str(root / v), str(root / v / MODEL_FILE), content_hash, False)
             existing = versions(config.registry, name)
             version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
-            manifest = _manifest(config, report, name, version, output_sha, content_hash, staging)
+            manifest = build_manifest(config, report, name, version, content, staging)
             write_json_atomic(staging / "manifest.json", manifest)
             os.rename(staging, root / version)
             write_bytes_atomic(root / "LATEST", f"{version}\n".encode())
@@ -158,7 +195,7 @@ def package_versions() -> dict:
     }
 
 
-def _artifacts(report) -> list[dict]:
+def artifact_records(report) -> list[dict]:
     """Each published form with what validation measured of it: the file a user picks by size or speed."""
     out = []
     for f in report.forms:
@@ -187,17 +224,18 @@ def _preprocessing(model_path: Path) -> tuple[dict | None, list[str] | None]:
     return json.loads(props[PREPROCESSING_KEY]), json.loads(props.get(LABELS_KEY, "[]"))
 
 
-def _manifest(config, report, name, version, output_sha, content_hash, staging: Path) -> dict:
+def build_manifest(config, report, name, version: str | None, content: VersionContent, staging: Path) -> dict:
+    """manifest.json of a version whose files lie in `staging` (MODEL_FILE among them)."""
     s = report.sparsity
     preprocessing, labels = _preprocessing(staging / MODEL_FILE)
     return {
         "name": name,
         "version": version,
-        "content_hash": content_hash,
+        "content_hash": content.content_hash,
         "source": {"path": str(Path(config.model).resolve()), "sha256": sha256_file(config.model)},
-        "output": {"file": MODEL_FILE, "sha256": output_sha},
+        "output": {"file": MODEL_FILE, "sha256": content.output_sha},
         "primary": MODEL_FILE,
-        "artifacts": _artifacts(report),
+        "artifacts": artifact_records(report),
         "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         "config": config.model_dump(mode="json"),
         "figures": {

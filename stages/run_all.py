@@ -37,8 +37,9 @@ STAGE_FIELDS: dict[str, frozenset[str]] = {
                       "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple", "train_norm",
                       "device"},
     "cut": _DATA | {"parity_tol"},
+    # nproc: the world size changes the result slightly (float sums, per-rank BatchNorm statistics on CPU)
     "sparse-train": _DATA | {"image_size", "train_norm", "augment", "device", "epochs", "batch_size", "optimizer",
-                             "lr", "momentum", "weight_decay", "lr_schedule"},
+                             "lr", "momentum", "weight_decay", "lr_schedule", "nproc"},
     # method and sparsity: provenance in the file's metadata; _DATA and image_size: its preprocessing (mean/std, labels)
     "export": _DATA | {"method", "sparsity", "storage", "image_size"},
     "quantize": _DATA,
@@ -152,11 +153,12 @@ def check_writable_dir(path: str | Path, what: str) -> None:
 
 def check_request(config: CompressConfig) -> Request:
     """Everything that can be checked about the input before the run directory is created: the model file
-    is readable ONNX with one image input, the data fits it, the registry and runs directories are writable."""
+    is readable ONNX with one image input, the data fits it, the registry and runs directories are writable (an
+    MLflow registry: its URI is one we can use and its server answers)."""
     from pipeline.data import load_data
     from pipeline.devices import resolve_device
     from stages.onnx_convert.model_io import load_checked
-    from stages.publish import check_model_name
+    from stages.publish import check_model_name, mlflow_uri
     from stages.quantize import check_not_quantized
     from stages.validate import classifier_io
 
@@ -168,7 +170,13 @@ def check_request(config: CompressConfig) -> Request:
     _, input_shape, num_classes = classifier_io(model, config.image_size)
     load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
               seed=config.seed, augment=False)
-    check_writable_dir(config.registry, "registry")
+    uri = mlflow_uri(config.registry)
+    if uri is None:
+        check_writable_dir(config.registry, "registry")
+    else:  # an MLflow Model Registry: a usable URI (exit 2) that answers now (exit 3)
+        from stages.publish_mlflow import check_mlflow_registry
+
+        check_mlflow_registry(uri)
     check_writable_dir(config.runs_dir, "runs-dir")
     source_sha = sha256_file(config.model)
     run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(config))
@@ -230,6 +238,10 @@ def cut_stage(normalized_path: str, masks_path: str, run_dir: str, config: Compr
 
 
 def train_stage(normalized_path: str, masks_path: str, run_dir: str, config: CompressConfig):
+    from stages.train_worker import launches, sparse_train_processes
+
+    if launches(config.nproc):  # data-parallel: torchrun runs this stage in nproc processes, this one waits for them
+        return sparse_train_processes(normalized_path, masks_path, config, run_dir)
     from stages.sparse_train import sparse_train
 
     return sparse_train(normalized_path, masks_path, config, run_dir)
@@ -281,11 +293,16 @@ def publish_stage(run_dir: str, report, config: CompressConfig, masks_path: str)
 
 
 def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | None = None,
-            on_reused: OnReused | None = None) -> RunSummary:
+            on_reused: OnReused | None = None, publish: bool = True) -> RunSummary:
     """Run every stage in order through `run_stage`, except those whose cached result is still good (see
     `cached_call`; `on_reused(stage, result)` hears of each); a gate failure returns a summary with `published`
-    False (nothing is published). Bad input found by a stage removes the run directory this call created."""
+    False (nothing is published), as does `publish=False` (a sweep's cells: the sweep publishes one). Bad input
+    found by a stage removes the run directory this call created."""
     request = request or check_request(config)
+    if config.nproc > 1:  # more processes than GPUs: exit 2 before any file is written
+        from stages.train_worker import check_nproc
+
+        check_nproc(config.nproc, config.device)
     run_dir = Path(request.run_dir)
     created = [p for p in (Path(config.runs_dir), run_dir) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +364,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
                       history_path=history, uncut_path=uncut, compact_path=compact, int8_path=int8_path,
                       int8_info=int8_info)
         published = None
-        if report.passed:
+        if report.passed and publish:
             published = step("publish", publish_stage, cache=False, run_dir=rd, report=report, config=config,
                              masks_path=masks_path)
     except BadInputError:
@@ -442,7 +459,8 @@ def _describe(name: str, r: Any) -> str:
     if name == "sparse-train":
         norm = f", train-time BatchNorm on {len(r.train_norm_layers)} fused layer(s)" if r.train_norm_layers else ""
         resumed = f" (resumed from epoch {r.resumed_from_epoch})" if r.resumed_from_epoch else ""
-        return (f"{r.epochs} epoch(s){resumed}, train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, "
+        world = f" on {r.world_size} processes" if r.world_size > 1 else ""
+        return (f"{r.epochs} epoch(s){resumed}{world}, train acc {r.train_acc:.4f}, val acc {r.val_acc:.4f}, "
                 f"{r.images_per_s:.0f} img/s{norm}")
     if name == "export":
         compact = f", {Path(r.compact_path).name} ({r.sparse_size_bytes / 1e6:.2f} MB)" if r.compact_path else ""

@@ -2,7 +2,12 @@
 
 `train_module` is the loop itself and works on any nn.Module with a mapping of boolean masks keyed by parameter
 name; `sparse_train` is the stage: it rebuilds the module from the normalized ONNX file, loads the masks and the
-data, and calls it. Imports pipeline and force_core only (no prefect, no click, no flows).
+data, and calls it. Under torchrun (`--nproc N`: stages/train_worker.py launches it) each rank takes half, a third…
+of every global batch, so with no BatchNorm and no augmentation the result equals one process's within float
+rounding. BatchNorm under DDP: on CUDA the BatchNorms become SyncBatchNorm (statistics of the global batch, as one
+process); on CPU torch's SyncBatchNorm refuses to run (it needs GPU tensors, torch 2.14), so each rank normalises
+over its own share of the batch and keeps rank 0's running statistics. Augmentation draws per rank. Imports
+pipeline and force_core only (no prefect, no click, no flows).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from force_core import MaskEnforcer, TrainNorm, add_train_norm, fold_train_norm
+from force_core.train_norm import FeatureBatchNorm
 from pipeline.artifacts import atomic_path, write_json_atomic
 from pipeline.config import CompressConfig
 from pipeline.data import DataSplits, TensorImageDataset, load_data, make_loader
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, DataError
+from pipeline.plotting import drawn_alone
 
 CHECKPOINT = "checkpoint.pt"
 TRAINED = "trained.pt"
@@ -115,6 +122,37 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 def _density(enforcer: MaskEnforcer) -> float:
     total = sum(m.numel() for m in enforcer.masks)
     return sum(int(torch.count_nonzero(m)) for m in enforcer.masks) / total if total else 1.0
+
+
+class _SyncFeatureBatchNorm(nn.SyncBatchNorm):
+    """FeatureBatchNorm (BatchNorm over a Linear's last dimension, any rank) with statistics of the global batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def sync_batchnorm_(module: nn.Module) -> list[str]:
+    """Replace every BatchNorm1d/2d/3d of `module` (and force_core's FeatureBatchNorm) with a SyncBatchNorm holding
+    the same parameters and buffers (the same tensors), in place; returns the module paths replaced. The state_dict
+    keys stay the same. Under DDP on CUDA the statistics are then those of the global batch; outside a process
+    group SyncBatchNorm computes exactly what BatchNorm does. (nn.SyncBatchNorm.convert_sync_batchnorm would turn
+    FeatureBatchNorm into a plain SyncBatchNorm, which normalises the wrong dimension of an (N, T, F) input.)"""
+    swaps = []
+    for path, child in module.named_modules():
+        if isinstance(child, FeatureBatchNorm):
+            swaps.append((path, child, _SyncFeatureBatchNorm))
+        elif type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            swaps.append((path, child, nn.SyncBatchNorm))
+    for path, bn, cls in swaps:
+        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if bn.affine:
+            sync.weight, sync.bias = bn.weight, bn.bias
+        sync.running_mean, sync.running_var = bn.running_mean, bn.running_var
+        sync.num_batches_tracked = bn.num_batches_tracked
+        sync.train(bn.training)
+        parent, _, name = path.rpartition(".")
+        setattr(module.get_submodule(parent), name, sync)
+    return [path for path, _, _ in swaps]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -205,6 +243,7 @@ def _fingerprint(config: CompressConfig, world_size: int, splits: DataSplits) ->
     return fp
 
 
+@drawn_alone
 def _plot_history(history: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -246,9 +285,10 @@ def train_module(
     a force_core MaskSet is such a mapping) held exactly, resuming from run_dir/checkpoint.pt when it matches.
 
     Under torchrun (WORLD_SIZE > 1) it runs DDP (gloo on CPU, NCCL on CUDA), each rank taking
-    batch_size / world_size images of every global batch; only rank 0 writes files. `train_norms` (from
-    force_core.add_train_norm on `module`) are folded into their layers in trained.pt, which then fits the
-    module without them."""
+    batch_size / world_size images of every global batch; only rank 0 writes files. On CUDA the BatchNorms
+    become SyncBatchNorm; on CPU each rank normalises over its share of the batch (see the module's docstring).
+    `train_norms` (from force_core.add_train_norm on `module`) are folded into their layers in trained.pt, which
+    then fits the module without them."""
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     rank, world, local_rank = _dist_env()
@@ -271,6 +311,12 @@ def train_module(
         raise DataError("the training split is empty")
 
     _seed_all(config.seed)
+    if world > 1 and device.type == "cuda":
+        sync_batchnorm_(module)  # before the optimizer; the parameters are the same tensors anyway
+    elif world > 1 and is_main and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        print(f"note: BatchNorm on CPU under {world} processes normalises over each process's "
+              f"{max(1, config.batch_size // world)} images, not the global batch of {config.batch_size} "
+              "(SyncBatchNorm needs CUDA)", file=sys.stderr, flush=True)
     module.to(device)
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ from pipeline.artifacts import atomic_path, write_bytes_atomic, write_json_atomi
 from pipeline.config import CompressConfig
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, InvalidModelError
+from pipeline.plotting import drawn_alone
 from stages.latency import fixed_batch
 from stages.model_forms import FORM_LABELS, Form, int8_sparse_form, measure_forms
 from stages.onnx_convert.costs import model_costs
@@ -649,6 +650,7 @@ def _read_history(path) -> list[dict]:
     return [r for r in data if isinstance(r, dict)]
 
 
+@drawn_alone
 def write_plot(report: ValidationReport, history: list[dict], path: str | Path) -> None:
     import matplotlib
 

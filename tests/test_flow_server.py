@@ -1,5 +1,6 @@
-"""Integration: a real Prefect server on loopback, the deployment served by `force-compress serve`, a run
-triggered with `prefect deployment run force-compress/force-compress`, and the published model checked."""
+"""Integration: a real Prefect server on loopback, the deployments served by `force-compress serve`, runs
+triggered with `prefect deployment run force-compress/force-compress` and `force-compress-sweep/force-compress-sweep`,
+and the published models checked."""
 
 from __future__ import annotations
 
@@ -92,6 +93,21 @@ def test_served_deployment_runs_from_prefect_deployment_run(tiny_at_init, tmp_pa
         manifest = json.loads((registry / "tiny" / "v1" / "manifest.json").read_text())
         assert manifest["figures"]["sparsity"] >= 0.9 - 1 / 1928
         assert (registry / "tiny" / "v1" / "model.onnx").stat().st_size > 0
+
+        # The same `serve` serves the sweep: two cells, the sparsest passing one published.
+        sweep_registry = tmp_path / "sweep-registry"
+        params = {**params, "registry": str(sweep_registry), "min_accuracy": 0.0}
+        params.pop("sparsity")
+        args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items()]
+        run = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "force-compress-sweep/force-compress-sweep",
+             *[a for kv in args for a in ("--param", kv)], "--param", "sparsities=[0.5, 0.8]",
+             "--watch", "--watch-timeout", "240"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        manifest = json.loads((sweep_registry / "tiny" / "v1" / "manifest.json").read_text())
+        assert manifest["config"]["sparsity"] == 0.8
+        assert [p.name for p in (sweep_registry / "tiny").iterdir() if p.name.startswith("v")] == ["v1"]
     except AssertionError:
         for name, f in logs.items():
             f.flush()
