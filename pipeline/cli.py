@@ -297,13 +297,14 @@ def _prefect_api_starting(wanted: bool):
     if not wanted:
         yield
         return
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
     servers = []
 
-    def start():  # imports included: ~2.5 s of Prefect's server modules that bad input never needs
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            return
+    def start():
         from prefect.server.api.server import SubprocessASGIServer
 
         servers.append(SubprocessASGIServer())
