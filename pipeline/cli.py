@@ -435,7 +435,7 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
                 run_stage, on_reused = _stage_printer(stage_names(plan.base), labels)
                 summary = run_sweep(plan, run_stage, on_reused=on_reused).to_dict()
             else:
-                summary = _run_sweep_flow(plan, sparsities, methods, jobs, {"model": model, **fields})
+                summary = _run_sweep_flow(plan, {"model": model, **fields})
     except ForceCompressError:
         raise
     except Exception as e:  # internal error: exit 4, never 1
@@ -450,7 +450,7 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
     sys.exit(summary["exit_code"])
 
 
-def _run_sweep_flow(plan, sparsities, methods, jobs: int, fields: dict) -> dict:
+def _run_sweep_flow(plan, fields: dict) -> dict:
     """The sweep through the Prefect flow; with no cell passing, the summary it wrote (exit 1)."""
     import json
     from pathlib import Path
@@ -459,7 +459,8 @@ def _run_sweep_flow(plan, sparsities, methods, jobs: int, fields: dict) -> dict:
 
     params = {k: v for k, v in fields.items() if v is not None}
     try:
-        return force_compress_sweep(**params, sparsities=list(plan.sparsities), methods=list(plan.methods), jobs=jobs)
+        return force_compress_sweep(**params, sparsities=list(plan.sparsities), methods=list(plan.methods),
+                                    jobs=plan.jobs)
     except GateFailedError:
         path = Path(plan.sweep_dir) / "sweep.json"
         if path.exists():

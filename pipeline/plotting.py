@@ -10,14 +10,11 @@ _LOCK = threading.RLock()
 
 
 def drawn_alone(fn):
-    """Run the decorated plotting function under the process-wide figure lock, with the non-interactive backend."""
+    """Run the decorated plotting function under the process-wide figure lock."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _LOCK:
-            import matplotlib
-
-            matplotlib.use("Agg")
             return fn(*args, **kwargs)
 
     return wrapper

@@ -292,6 +292,26 @@ def publish_stage(run_dir: str, report, config: CompressConfig, masks_path: str)
 # --- the order, once ----------------------------------------------------------------------------------------
 
 
+def run_step(name: str, fn: Callable[..., Any], record_dir: str, full_config: CompressConfig, run_stage: RunStage,
+             on_reused: OnReused | None = None, /, *, outputs=(), cache: bool = True, **kwargs) -> tuple[Any, bool]:
+    """(result, reused) of one stage call `fn(**kwargs)` through `cached_call`, its record in `record_dir`. A cached
+    stage given a `config` sees, and is keyed on, only the fields of `full_config` it declares (STAGE_FIELDS);
+    `on_reused` hears of a reuse."""
+    if cache and "config" in kwargs:
+        kwargs["config"] = ConfigView(full_config, STAGE_FIELDS[name])
+    stage = Stage(name, fn, kwargs, tuple(str(o) for o in outputs), cache, record_dir if cache else None)
+    result, hit = cached_call(stage, run_stage)
+    if hit and on_reused is not None:
+        on_reused(stage, result)
+    return result, hit
+
+
+def drop_checkpoint(trained, config: CompressConfig) -> None:
+    """A finished training's trained.pt holds the result: drop its resume state unless --keep-checkpoint."""
+    if trained.completed and not config.keep_checkpoint:
+        Path(trained.checkpoint_path).unlink(missing_ok=True)
+
+
 def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | None = None,
             on_reused: OnReused | None = None, publish: bool = True) -> RunSummary:
     """Run every stage in order through `run_stage`, except those whose cached result is still good (see
@@ -312,16 +332,11 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
     reused: list[str] = []
 
     def step(name, fn, outputs=(), cache=True, **kwargs):
-        if cache:  # a cached stage sees, and is keyed on, only the fields it declares
-            kwargs["config"] = ConfigView(config, STAGE_FIELDS[name])
-        stage = Stage(name, fn, kwargs, tuple(str(o) for o in outputs), cache, rd if cache else None)
         t = time.perf_counter()
-        result, hit = cached_call(stage, run_stage)
+        result, hit = run_step(name, fn, rd, config, run_stage, on_reused, outputs=outputs, cache=cache, **kwargs)
         seconds[name] = round(time.perf_counter() - t, 3)
         if hit:
             reused.append(name)
-            if on_reused is not None:
-                on_reused(stage, result)
         return result
 
     try:
@@ -343,8 +358,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
             graph, train_masks, uncut = str(cut.cut_path), str(cut.masks_path), normalized
         trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=graph,
                        masks_path=train_masks, run_dir=rd, config=config)
-        if trained.completed and not config.keep_checkpoint:  # trained.pt holds the result: drop the resume state
-            Path(trained.checkpoint_path).unlink(missing_ok=True)
+        drop_checkpoint(trained, config)
         state_path = str(trained.state_path)
         exported = step("export", export_stage, [run_dir / "model.sparse.onnx"], normalized_path=graph,
                         state_path=state_path, masks_path=train_masks, run_dir=rd, config=config,

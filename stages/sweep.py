@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextvars
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipeline.artifacts import atomic_path, run_dir_for, sha256_json, write_bytes_atomic, write_json_atomic
-from pipeline.config import CompressConfig, ConfigView, make_config
+from pipeline.config import CompressConfig, make_config
 from pipeline.errors import BadInputError, NetworkCutError
 from pipeline.plotting import drawn_alone
 from stages.run_all import (
@@ -28,12 +29,13 @@ from stages.run_all import (
     Request,
     RunStage,
     Stage,
-    cached_call,
     check_request,
+    drop_checkpoint,
     import_stage,
     publish_stage,
     run_all,
     run_fingerprint,
+    run_step,
     train_stage,
 )
 
@@ -43,9 +45,8 @@ DEFAULT_METHODS = ("force",)
 
 def parse_sparsities(text: str | list | tuple) -> tuple[float, ...]:
     """'0.9,0.95' (or a list) → sorted distinct sparsities, each in (0, 1); BadInputError (exit 2) otherwise."""
-    items = [s for s in (text.split(",") if isinstance(text, str) else list(text))]
-    items = [s.strip() if isinstance(s, str) else s for s in items]
-    items = [s for s in items if s != ""]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    items = [s for s in (s.strip() if isinstance(s, str) else s for s in items) if s != ""]
     if not items:
         raise BadInputError("--sparsities is empty: give a comma-separated list such as 0.9,0.95,0.98,0.99")
     values = []
@@ -70,6 +71,10 @@ def parse_methods(text: str | list | tuple) -> tuple[str, ...]:
     return tuple(names)
 
 
+def cell_label(method: str, sparsity: float) -> str:
+    return f"{method}@{sparsity:g}"
+
+
 @dataclass(frozen=True)
 class SweepPlan:
     """What the checks before any work found: every cell's config and request, and where the sweep's files go."""
@@ -83,7 +88,7 @@ class SweepPlan:
     jobs: int
 
     def label(self, i: int) -> str:
-        return f"{self.configs[i].method}@{self.configs[i].sparsity:g}"
+        return cell_label(self.configs[i].method, self.configs[i].sparsity)
 
 
 def plan_sweep(fields: dict, sparsities, methods, jobs: int = 1) -> SweepPlan:
@@ -128,13 +133,7 @@ def train_baseline(config: CompressConfig, request: Request, run_stage: RunStage
     rd = str(run_dir)
 
     def step(name, fn, outputs, **kwargs):
-        if "config" in kwargs:
-            kwargs["config"] = ConfigView(config, STAGE_FIELDS[name])
-        stage = Stage(name, fn, kwargs, tuple(str(o) for o in outputs), True, rd)
-        result, hit = cached_call(stage, run_stage)
-        if hit and on_reused is not None:
-            on_reused(stage, result)
-        return result
+        return run_step(name, fn, rd, config, run_stage, on_reused, outputs=outputs, **kwargs)[0]
 
     imported = step("import", import_stage, [run_dir / "normalized.onnx"], model_path=request.model_path,
                     run_dir=rd, config=config)
@@ -142,8 +141,7 @@ def train_baseline(config: CompressConfig, request: Request, run_stage: RunStage
                  run_dir=rd)
     trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=str(imported.normalized_path),
                    masks_path=str(masks.masks_path), run_dir=rd, config=config)
-    if trained.completed and not config.keep_checkpoint:  # as run_all: trained.pt holds the result
-        Path(trained.checkpoint_path).unlink(missing_ok=True)
+    drop_checkpoint(trained, config)
     return {"top1": trained.val_acc, "run_dir": rd, "epochs": trained.epochs, "source": "dense training, same recipe"}
 
 
@@ -172,7 +170,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.method}@{self.target_sparsity:g}"
+        return cell_label(self.method, self.target_sparsity)
 
 
 def _cell(summary: dict, baseline: float | None) -> Cell:
@@ -242,11 +240,8 @@ class SweepResult:
 def run_sweep(plan: SweepPlan, run_stage: RunStage, *, on_reused: OnReused | None = None,
               on_cell: Callable[[int, Cell], None] | None = None) -> SweepResult:
     """Baseline, cells (at most plan.jobs at a time), table and plot, then publish the sparsest passing cell."""
-    import time
-
     t0 = time.perf_counter()
     base = plan.base
-    baseline = None
     if base.baseline_accuracy is not None:
         baseline = {"top1": base.baseline_accuracy, "source": "--baseline-accuracy"}
     else:
