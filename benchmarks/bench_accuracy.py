@@ -151,8 +151,8 @@ def run_cell(job: dict) -> dict:
     from pipeline.data import mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.export_onnx import export_onnx
-    from stages.sparse_train import sparse_train
-    from stages.validate import onnx_accuracy
+    from stages.onnx_convert.scoring import onnx_accuracy
+    from stages.sparse_train.training import sparse_train
 
     torch.set_num_threads(job["threads"])
     train_norm, on_collapse = job.get("train_norm", True), job.get("on_collapse", "nested")

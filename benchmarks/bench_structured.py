@@ -64,7 +64,7 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
     """Export, import, channel FORCE masks and the proven cut of one network; cached in its work directory."""
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
-    from stages.cut_channels import cut_stage
+    from stages.cut_channels import cut_graph
     from stages.import_onnx import import_onnx
     from stages.onnx_convert.torchvision_export import export_torchvision
 
@@ -86,7 +86,7 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
                                 channel_multiple=multiple)
     t_masks = time.perf_counter() - t0
     images = batches[0][0][:8].numpy()
-    cut = cut_stage(base / "normalized.onnx", masks.masks_path, out, images=images)
+    cut = cut_graph(base / "normalized.onnx", masks.masks_path, out, images=images)
     cell = {"arch": arch, "size": size, "sparsity": sparsity, "multiple": multiple, "dense": str(dense),
             "cut": str(cut.cut_path),
             "weights_removed": 1 - cut.costs_after["prunable_weights"] / cut.costs_before["prunable_weights"],
@@ -101,7 +101,7 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
 
 
 def measure(cell: dict, batch: int, rounds: int) -> dict:
-    from stages.latency import paired_latency
+    from stages.measure.latency import paired_latency
     from stages.onnx_convert import runtime
 
     shape = (3, cell["size"], cell["size"])
@@ -117,7 +117,8 @@ def measure(cell: dict, batch: int, rounds: int) -> dict:
 def accuracy_cell(structure: str, method: str, sparsity: float) -> dict:
     from pipeline.config import make_config
     from stages.onnx_convert.torchvision_export import export_torchvision
-    from stages.run_all import call_stage, run_all
+    from stages.run.calls import call_stage
+    from stages.run.order import run_all
 
     model = WORK / "accuracy" / "resnet18.onnx"
     if not model.exists():

@@ -32,7 +32,7 @@ from bench_accuracy import ResNet20Narrow, VGG19Narrow, _kaiming_  # noqa: E402
 
 from pipeline.config import make_config  # noqa: E402
 from pipeline.data import load_data  # noqa: E402
-from stages.sparse_train import _apply_, _mask_grads_, hold_masks, train_module, train_step  # noqa: E402
+from stages.sparse_train.training import _apply_, _mask_grads_, hold_masks, train_module, train_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -1,8 +1,8 @@
-"""The Prefect 3 flow `force-compress`: the stages of `stages.run_all` as tasks, plus what Prefect adds
+"""The Prefect 3 flow `force-compress`: the stages of `stages.run.order.run_all` as tasks, plus what Prefect adds
 (retries, artifacts, logs). No logic a stage could hold lives here.
 
 Caching is run_all's, the same as on the plain path: a stage whose record in run_dir/.stages/ has the same key
-(`stages.run_all.stage_key`: code version, input files' hashes, the fields the stage declares) and whose files
+(`stages.run.calls.stage_key`: code version, input files' hashes, the fields the stage declares) and whose files
 exist is not run again, and the log says "<stage>: reused (cached)". Prefect's own task cache is off: a second
 cache keyed the same way would only disagree with the first about files rewritten in between.
 
@@ -24,8 +24,10 @@ from prefect.states import Failed
 
 from pipeline.config import CompressConfig, make_config
 from pipeline.errors import GateFailedError, NetworkCutError
-from stages.run_all import Stage, check_request, describe, run_all
-from stages.validate import load_report
+from stages.measure.report import layer_table
+from stages.run.calls import StageCall, describe
+from stages.run.checks import checked_request
+from stages.run.order import run_all
 
 FLOW_NAME = "force-compress"
 DEPLOYMENT_NAME = "force-compress"
@@ -48,30 +50,30 @@ def _transient_io(task, task_run, state) -> bool:
 _TASKS: dict[Any, Any] = {}
 
 
-def _task_for(stage: Stage):
+def _task_for(call: StageCall):
     """One Prefect task per stage function, built once. Results are small records (paths and figures); run_all
     decides whether a stage runs at all (its cache), so the task itself never caches."""
-    key = (stage.fn, stage.name)
+    key = (call.fn, call.name)
     if key not in _TASKS:
         retry = {"retries": 3, "retry_delay_seconds": 1, "retry_condition_fn": _transient_io} \
-            if stage.name == "publish" else {}
-        _TASKS[key] = task(stage.fn, name=stage.name, cache_policy=NO_CACHE, persist_result=False, **retry)
+            if call.name == "publish" else {}
+        _TASKS[key] = task(call.fn, name=call.name, cache_policy=NO_CACHE, persist_result=False, **retry)
     return _TASKS[key]
 
 
-def run_stage_as_task(stage: Stage):
+def run_stage_as_task(call: StageCall):
     """`run_stage` for run_all: the stage as a Prefect task."""
     logger = get_run_logger()
-    logger.info("stage %s: started", stage.name)
+    logger.info("stage %s: started", call.name)
     t = time.perf_counter()
-    result = _task_for(stage)(**stage.kwargs)
-    logger.info("stage %s: %.1fs  %s", stage.name, time.perf_counter() - t, describe(stage.name, result))
+    result = _task_for(call)(**call.kwargs)
+    logger.info("stage %s: %.1fs  %s", call.name, time.perf_counter() - t, describe(result))
     return result
 
 
-def log_reused(stage: Stage, result) -> None:
+def log_reused(call: StageCall, result) -> None:
     """`on_reused` for run_all: one log line for a stage whose cached result is reused."""
-    get_run_logger().info("stage %s: reused (cached)  %s", stage.name, describe(stage.name, result))
+    get_run_logger().info("stage %s: reused (cached)  %s", call.name, describe(result))
 
 
 # --- the flow ---------------------------------------------------------------------------------------------
@@ -80,21 +82,20 @@ def log_reused(stage: Stage, result) -> None:
 def _compress(**params) -> dict:
     logger = get_run_logger()
     config = make_config(**params)  # one clear BadInputError before any work
-    request = check_request(config)
+    request = checked_request(config)  # the CLI's checks, when it started this flow; else made here
     logger.info("run directory %s", request.run_dir)
     try:
         summary = run_all(config, run_stage_as_task, request=request, on_reused=log_reused)
     except NetworkCutError as e:  # stopped before training: a failed run with one line, not a traceback in the log
         return Failed(message=str(e), data=e)  # the caller still gets the exception (exit 1)
-    report = load_report(Path(summary.run_dir) / "report.json")
+    report = summary.report
     create_markdown_artifact(markdown=Path(report.report_md).read_text(), key="force-compress-report",
                              description=f"validation report of {config.model_name}")
-    from stages.validate import layer_table
-
     create_table_artifact(table=layer_table(report), key="force-compress-layers",
                           description="per-layer density read from the exported file")
     if not summary.published:
-        raise GateFailedError("validation gate failed, nothing published: " + "; ".join(summary.failures))
+        raise GateFailedError("validation gate failed, nothing published: " + "; ".join(summary.failures),
+                              summary=summary.to_dict())
     logger.info("published %s %s at %s", summary.name, summary.version, summary.registry_path)
     return summary.to_dict()
 
@@ -127,3 +128,14 @@ signature_from_config(_compress, "force_compress",
                       "Prune an ONNX classifier at initialization, sparse-train, validate and publish it.")
 
 force_compress = flow(_compress, name=FLOW_NAME, log_prints=True, persist_result=False, validate_parameters=True)
+
+
+def run_flow(config: CompressConfig) -> dict:
+    """The pipeline through the flow in this process (the temporary API unless PREFECT_API_URL is set): its summary,
+    also when the gate failed (exit 1)."""
+    try:
+        return force_compress(**config.model_dump())
+    except GateFailedError as e:
+        if e.summary is None:  # stopped before training: no summary to show
+            raise
+        return e.summary

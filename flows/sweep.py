@@ -1,4 +1,4 @@
-"""The Prefect 3 flow `force-compress-sweep`: `stages.sweep.run_sweep` with every stage of the baseline and the
+"""The Prefect 3 flow `force-compress-sweep`: `stages.run.sweep.run_sweep` with every stage of the baseline and the
 cells as a task (the same tasks, caching and retries as the flow `force-compress`), the Pareto table and plot as
 artifacts. Its parameters are CompressConfig's fields less `sparsity` and `method`, plus `sparsities`, `methods`
 and `jobs`."""
@@ -15,7 +15,15 @@ from pydantic import Field
 
 from flows.compress import log_reused, run_stage_as_task, signature_from_config
 from pipeline.errors import GateFailedError
-from stages.sweep import DEFAULT_METHODS, DEFAULT_SPARSITIES, plan_sweep, run_sweep, table_markdown, table_rows
+from stages.run.sweep import (
+    DEFAULT_METHODS,
+    DEFAULT_SPARSITIES,
+    SweepPlan,
+    plan_sweep,
+    run_sweep,
+    table_markdown,
+    table_rows,
+)
 
 FLOW_NAME = "force-compress-sweep"
 DEPLOYMENT_NAME = "force-compress-sweep"
@@ -47,7 +55,8 @@ def _sweep(**params) -> dict:
     create_table_artifact(table=table_rows(result), key="force-compress-sweep-cells",
                           description="one row per cell: top-1, size, latency, gate, frontier")
     if not result.published:
-        raise GateFailedError(f"no cell of the sweep passed its gate, nothing published (table: {result.table_md})")
+        raise GateFailedError(f"no cell of the sweep passed its gate, nothing published (table: {result.table_md})",
+                              summary=result.to_dict())
     p = result.published
     logger.info("published %s %s (%s) at %s", p["name"], p["version"], result.cells[result.chosen].label, p["path"])
     return result.to_dict()
@@ -61,17 +70,13 @@ signature_from_config(_sweep, "force_compress_sweep",
 force_compress_sweep = flow(_sweep, name=FLOW_NAME, log_prints=True, persist_result=False, validate_parameters=True)
 
 
-def serve() -> None:
-    """Serve the deployments `force-compress/force-compress` and `force-compress-sweep/force-compress-sweep` until
-    interrupted. It needs a Prefect API (PREFECT_API_URL, e.g. a local `prefect server start`; README, "Running it
-    with Prefect"). The entrypoints are module paths, so the deployments run wherever this package is installed."""
-    from prefect import serve as serve_all
-    from prefect.types.entrypoint import EntrypointType
-
-    from flows.compress import DEPLOYMENT_NAME as COMPRESS_DEPLOYMENT
-    from flows.compress import force_compress
-
-    module = EntrypointType.MODULE_PATH
-    serve_all(force_compress.to_deployment(name=COMPRESS_DEPLOYMENT, entrypoint_type=module),
-              force_compress_sweep.to_deployment(name=DEPLOYMENT_NAME, entrypoint_type=module),
-              pause_on_shutdown=False)
+def run_sweep_flow(plan: SweepPlan, fields: dict) -> dict:
+    """The sweep through the flow in this process: its summary, also when no cell passed (exit 1)."""
+    params = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return force_compress_sweep(**params, sparsities=list(plan.sparsities), methods=list(plan.methods),
+                                    jobs=plan.jobs)
+    except GateFailedError as e:
+        if e.summary is None:
+            raise
+        return e.summary

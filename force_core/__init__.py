@@ -14,10 +14,11 @@ from force_core.channels import (  # also registers the built-in channel methods
     compute_channel_masks,
 )
 from force_core.effective import EffectiveSparsity, effective_sparsity
-from force_core.engine import PruningContext, compute_masks, density_schedule, kept_count
+from force_core.engine import PruningContext, compute_masks
 from force_core.maskset import MaskSet
 from force_core.params import PRUNABLE_LAYER_TYPES, prunable_parameters
-from force_core.registry import available_methods, get_method, register_method
+from force_core.progress import density_schedule, kept_count
+from force_core.registry import available_methods, data_free_methods, get_method, needs_data, register_method
 from force_core.select import keep_top_k_
 from force_core.train_norm import TrainNorm, add_train_norm, fold_train_norm
 from force_core.training import MaskEnforcer, apply_masks_
@@ -39,12 +40,14 @@ __all__ = [
     "channel_element_masks",
     "compute_channel_masks",
     "compute_masks",
+    "data_free_methods",
     "density_schedule",
     "effective_sparsity",
     "fold_train_norm",
     "get_method",
     "keep_top_k_",
     "kept_count",
+    "needs_data",
     "prunable_parameters",
     "register_method",
 ]

@@ -19,17 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from force_core.engine import (
-    Progress,
-    PruningContext,
-    _Batches,
-    check_run_args,
-    kept_count,
-    numerics,
-    training_mode,
-)
+from force_core.batches import BatchStream
+from force_core.engine import check_run_args, numerics, training_mode
 from force_core.maskset import MaskSet
 from force_core.params import prunable_parameters
+from force_core.progress import Progress, ScheduleMixin, kept_count
 from force_core.registry import get_method, register_method
 from force_core.select import tie_priority
 
@@ -222,21 +216,18 @@ def channel_element_masks(
     return _Layout(shapes, groups, list(params), device).element_masks(flat, params)
 
 
-class ChannelContext:
+class ChannelContext(ScheduleMixin):
     """What a channel method works with: `scores` and `keep` hold one entry per channel (the channel-prunable
     groups concatenated, in order). A method writes `scores` (`saliency`, `magnitude_`, `random_`), calls
-    `keep_top(k)` and reports each step with `report`; `kept_weights` is the kept count of prunable weights."""
-
-    # The engine's schedule (t, d_t, round(d_t·N)) and progress report, on the same attribute names.
-    schedule = PruningContext.schedule
-    report = PruningContext.report
+    `keep_top(k)` and reports each step with `report`; `kept_weights` is the kept count of prunable weights.
+    `schedule` and `report` are the engine's (ScheduleMixin): (t, d_t, round(d_t·N)), N the prunable weights."""
 
     def __init__(
         self,
         model: nn.Module,
         layout: _Layout,
         groups: Sequence[ChannelGroup],
-        batches: _Batches | None,
+        batches: BatchStream | None,
         *,
         density: float,
         steps: int,
@@ -476,7 +467,7 @@ def compute_channel_masks(
     run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
     if spec.needs_data and batches is None:
         raise ValueError(f"channel method {method!r} scores channels on data: pass batches")
-    stream = _Batches(batches, device) if spec.needs_data else None
+    stream = BatchStream(batches, device) if spec.needs_data else None
 
     with training_mode(model):  # batch statistics, as the reference computes masks
         ctx = ChannelContext(

@@ -12,38 +12,25 @@ import contextlib
 import math
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from force_core.batches import BatchStream
 from force_core.maskset import MaskSet
 from force_core.params import Selector, prunable_parameters
+from force_core.progress import SCHEDULES, Progress, ScheduleMixin, density_schedule, kept_count
 from force_core.registry import get_method
 from force_core.select import TiePriority, keep_top_k_, sample_indices
 
-Progress = Callable[[int, int, dict[str, Any]], None]
-SCHEDULES = ("exp", "linear")
 COLLAPSE_RULES = ("nested", "none")
 # A network whose outputs spread over a batch less than this fraction of the dense network's is nearly cut.
 COLLAPSE_RATIO = 0.1
 _REFRESH_SLICE = 1 << 20  # entries per slice of the masked-weight refresh on CPU (4 MiB of float mask)
-
-
-def density_schedule(density: float, steps: int, schedule: str = "exp") -> list[float]:
-    """d_t for t = 1..T: exp d^(t/T), linear 1 - (1 - d) t/T (FORCE.md); d_T = d exactly."""
-    if schedule == "exp":
-        ds = [density ** (t / steps) for t in range(1, steps + 1)]
-    elif schedule == "linear":
-        ds = [1.0 - (1.0 - density) * t / steps for t in range(1, steps + 1)]
-    else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    ds[-1] = density
-    return ds
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -56,88 +43,19 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def kept_count(density: float, n: int) -> int:
-    """k = round(d·N), halves rounded up (one fixed rule, FORCE.md)."""
-    return min(n, int(math.floor(density * n + 0.5)))
-
-
-class _Batches:
-    """Cycles through `batches`, moving each batch to the device once.
-
-    A sequence (or a one-shot iterator) is kept on the device after each batch's first use and
-    cycled; another re-iterable source (a DataLoader) is iterated again when exhausted, giving fresh
-    draws as in the reference code.
-    """
-
-    def __init__(self, batches: Iterable, device: torch.device):
-        self.device = device
-        self._source = batches
-        self._is_seq = isinstance(batches, Sequence)
-        self._it = None if self._is_seq else iter(batches)
-        self._one_shot = self._it is batches
-        self._cache: list = []
-        self._pos = 0
-        self._exhausted = False
-        self.first = self._fetch()
-        if self.first is None:
-            raise ValueError("batches is empty: pass at least one (inputs, targets) batch")
-        self._cache.append(self.first)
-
-    def _move(self, batch):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-        x, y = batch
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _fetch(self):
-        """The next new batch from the source, or None when it is exhausted."""
-        if self._is_seq:
-            i = len(self._cache)
-            return self._move(self._source[i]) if i < len(self._source) else None
-        try:
-            return self._move(next(self._it))
-        except StopIteration:
-            return None
-
-    def next(self):
-        if self._pos < len(self._cache):
-            b = self._cache[self._pos]
-        elif self._exhausted:
-            self._pos = 0
-            b = self._cache[0]
-        else:
-            b = self._fetch()
-            if b is None and not (self._is_seq or self._one_shot):  # re-iterable: draw again
-                self._it = iter(self._source)
-                b = self._fetch()
-            if b is None:
-                self._exhausted = True
-                self._pos = 0
-                b = self._cache[0]
-            elif self._is_seq or self._one_shot:
-                self._cache.append(b)
-            else:
-                self._cache, self._pos = [b], 0  # fresh draws are not kept
-        self._pos += 1
-        return b
-
-    def take(self, n: int) -> list:
-        return [self.next() for _ in range(n)]
-
-
-class PruningContext:
+class PruningContext(ScheduleMixin):
     """What a method works with. Flat buffers hold one entry per prunable weight, in the order of
     `names` (each parameter row-major); `scores` and `mask` have per-parameter views.
 
     A method reads/writes `scores`, calls `keep_top(k)` (which updates `mask` and the masked
-    weights), and reports each step with `report`.
+    weights), and reports each step with `report` (the steps of the density schedule: `schedule`, ScheduleMixin).
     """
 
     def __init__(
         self,
         model: nn.Module,
         params: dict[str, nn.Parameter],
-        batches: _Batches,
+        batches: BatchStream,
         *,
         density: float,
         steps: int,
@@ -182,12 +100,6 @@ class PruningContext:
         self._spread_dense: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
         self._last_batch = batches.first
-
-    # ---- the schedule
-    def schedule(self) -> Iterator[tuple[int, float, int]]:
-        """(t, d_t, k_t) for t = 1..steps; k_t = round(d_t·N)."""
-        for t, d in enumerate(density_schedule(self.density, self.steps, self.schedule_kind), start=1):
-            yield t, d, kept_count(d, self.numel)
 
     # ---- masked weights and forward passes
     @property
@@ -396,13 +308,6 @@ class PruningContext:
             m = min(self.min_per_layer, flat.numel())
             flat.index_fill_(0, torch.topk(flat, m, sorted=False).indices, math.inf)
 
-    # ---- reporting
-    def report(self, step: int, total: int, **info: Any) -> None:
-        if self.progress is not None:
-            if self.losses:
-                info.setdefault("loss", self.losses[-1])
-            self.progress(step, total, info)
-
 
 def compute_masks(
     model: nn.Module,
@@ -468,7 +373,7 @@ def compute_masks(
         )
     run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
     device = next(iter(prunable.values())).device
-    stream = _Batches(batches, device)
+    stream = BatchStream(batches, device)
 
     started = time.perf_counter()
     with training_mode(model):  # batch statistics, as the reference computes masks

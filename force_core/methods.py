@@ -107,7 +107,7 @@ def grasp(ctx: PruningContext) -> None:
     ctx.report(1, 1, density=ctx.density, kept=ctx.k)
 
 
-@register_method("synflow", default_steps=100)
+@register_method("synflow", default_steps=100, needs_data=False)  # data-free: only the input's shape is read
 def synflow(ctx: PruningContext) -> None:
     """SynFlow (Tanaka et al. 2020), data-free: R = sum of the output of the network with |θ|
     weights (all parameters and buffers made positive) on one all-ones input; score |θ ⊙ ∂R/∂θ| at

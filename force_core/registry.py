@@ -2,21 +2,18 @@
 
 Methods are keyed by (structure, name): "unstructured" methods choose single weights through a
 `PruningContext` (engine.py), "channel" methods choose whole channels through a `ChannelContext`
-(channels.py); the same name may exist for both. Imports only the standard library (and, for type
-hints, the contexts).
+(channels.py); the same name may exist for both, but never twice for one structure. Imports only the
+standard library: the engine and channels import the registry, never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from force_core.channels import ChannelContext
-    from force_core.engine import PruningContext
-
-MethodFn = Callable[["PruningContext | ChannelContext"], None]
+# fn(ctx): ctx is a PruningContext (structure "unstructured") or a ChannelContext (structure "channel").
+MethodFn = Callable[[Any], None]
 STRUCTURES = ("unstructured", "channel")
 
 
@@ -27,6 +24,10 @@ class MethodSpec:
 
     `default_steps` is used when the caller passes `steps=None`; `single_shot` methods always run
     one step whatever `steps` says (SNIP, GraSP, magnitude, random).
+
+    `needs_data` False: the method is data-free, its masks are the same whatever the batches hold. An
+    unstructured one may still read the input's shape from the first batch (SynFlow), so `compute_masks` still
+    takes one batch of the input's shape (any values); a channel one gets no batches (`ctx.batches` is None).
     """
 
     name: str
@@ -55,8 +56,9 @@ def register_method(
     single_shot: bool = False,
     needs_data: bool = True,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn(ctx) -> None` under (`structure`, `name`) (a user method replaces nothing silently:
-    names are unique within a structure).
+    """Register `fn(ctx) -> None` under (`structure`, `name`). Names are unique within a structure: registering
+    a name again raises ValueError naming it (registering the very same function with the same options again
+    changes nothing and is allowed).
 
     Example::
 
@@ -77,10 +79,13 @@ def register_method(
         raise ValueError(f"default_steps must be >= 1, got {default_steps}")
 
     def decorate(fn: MethodFn) -> MethodFn:
-        if name in methods and methods[name].fn is not fn:
+        spec = MethodSpec(name, fn, default_steps, single_shot, needs_data, structure)
+        old = methods.get(name)
+        if old is not None and old != spec:
             what = "pruning method" if structure == "unstructured" else f"{structure} pruning method"
-            raise ValueError(f"a {what} named {name!r} is already registered")
-        methods[name] = MethodSpec(name, fn, default_steps, single_shot, needs_data, structure)
+            by = f"{getattr(old.fn, '__module__', '?')}.{getattr(old.fn, '__qualname__', repr(old.fn))}"
+            raise ValueError(f"a {what} named {name!r} is already registered (by {by}); choose another name")
+        methods.setdefault(name, spec)
         return fn
 
     return decorate
@@ -98,3 +103,15 @@ def get_method(name: str, structure: str = "unstructured") -> MethodSpec:
     except (KeyError, TypeError):
         what = "" if structure == "unstructured" else f"{structure} "
         raise ValueError(f"unknown {what}method {name!r}; valid {what}methods: {', '.join(methods)}") from None
+
+
+def needs_data(name: str, structure: str = "unstructured") -> bool:
+    """Whether method `name` of `structure` scores on data (False: data-free, see `MethodSpec.needs_data`).
+    Raises ValueError for an unknown method, as `get_method` does."""
+    return get_method(name, structure).needs_data
+
+
+def data_free_methods(structure: str = "unstructured") -> frozenset[str]:
+    """Names of the registered data-free methods of `structure` (built-in: magnitude, random, and synflow
+    for "unstructured")."""
+    return frozenset(n for n, spec in _methods_of(structure).items() if not spec.needs_data)

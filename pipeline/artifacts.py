@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import BadInputError
+
 # mkstemp/mkdtemp create owner-only files (0600/0700); published outputs get the usual umask modes.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -65,3 +67,43 @@ def run_dir_for(runs_root: str | os.PathLike, model_sha256: str, config_fingerpr
     """The run id derives from the input model's hash and the config, so the same request resumes."""
     run_id = f"{model_sha256[:12]}-{sha256_json(config_fingerprint)[:12]}"
     return Path(runs_root) / run_id
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raise BadInputError unless `path` is (or can be created as) a writable directory; creates nothing."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if probe != p and not probe.is_dir():
+        raise BadInputError(f"cannot create {what} directory {path}: {probe} is not a directory")
+    if probe == p and not p.is_dir():
+        raise BadInputError(f"{what} {path} is not a directory; choose another --{what.replace(' ', '-')}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInputError(f"{what} directory {path} is not writable ({probe}); choose another --{what}")
+
+
+class RunFiles:
+    """The names of the files a run directory holds, one place for every stage that writes or reads them."""
+
+    CONFIG = "config.json"
+    NORMALIZED = "normalized.onnx"
+    MASKS = "masks.npz"
+    MASKS_META = "masks.json"
+    CUT = "cut.onnx"
+    CUT_MASKS = "cut_masks.npz"
+    CHECKPOINT = "checkpoint.pt"
+    TRAINED = "trained.pt"
+    HISTORY = "history.json"
+    TRAIN_RESULT = "train_result.json"
+    CURVE = "train_curve.png"
+    EXPORTED = "model.sparse.onnx"
+    COMPACT = "model.compact.onnx"
+    INT8 = "model.int8.onnx"
+    INT8_COMPACT = "model.int8.compact.onnx"
+    REPORT_JSON = "report.json"
+    REPORT_MD = "report.md"
+    REPORT_PNG = "report.png"
+    SUMMARY = "summary.json"
+    ERROR = "error.txt"
+    STAGE_RECORDS = ".stages"

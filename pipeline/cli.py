@@ -18,7 +18,7 @@ import click
 # locked" traceback and ERROR lines into normal output. Off unless the user turns it on.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from pipeline.errors import EnvironmentProblem, ForceCompressError, GateFailedError, NetworkCutError
+from pipeline.errors import ForceCompressError
 
 
 def _handle_errors(fn):
@@ -80,32 +80,12 @@ def _echo_json(obj) -> None:
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
               train_norm, min_per_layer, structure, channel_multiple, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
-    import tempfile
+    from stages.run.tools import masks_for
 
-    from pipeline.errors import BadInputError
-    from stages.compute_masks import DATA_FREE_METHODS, compute_masks_stage, mask_batch_count
-    from stages.import_onnx import import_onnx
-
-    if not 0.0 < sparsity < 1.0:
-        raise BadInputError(f"--sparsity must be in (0, 1) (pruned fraction), got {sparsity}")
-    if data is None and method not in DATA_FREE_METHODS:
-        raise BadInputError(f"method {method!r} scores weights on data: give --data "
-                            f"(data-free methods: {', '.join(sorted(DATA_FREE_METHODS))})")
-    with tempfile.TemporaryDirectory() as tmp:
-        imported = import_onnx(model, tmp, image_size=tuple(image_size) if image_size else None,
-                               train_norm=train_norm)
-        batches = None
-        if data is not None:
-            from pipeline.data import load_data, mask_batches
-
-            splits = load_data(data, imported.input_shape, num_classes=imported.num_classes, seed=seed, augment=False)
-            n = mask_batch_count(method, steps, batches_per_step, structure)
-            batches = mask_batches(splits, batch_size, n, seed=seed)
-        result = compute_masks_stage(imported.normalized_path, out, method=method, density=1.0 - sparsity,
-                                     steps=steps, schedule=schedule, batches=batches,
-                                     batches_per_step=batches_per_step, seed=seed, train_norm=train_norm,
-                                     min_per_layer=min_per_layer, structure=structure,
-                                     channel_multiple=channel_multiple)
+    result = masks_for(model, out, method=method, sparsity=sparsity, data=data, steps=steps, schedule=schedule,
+                       batch_size=batch_size, batches_per_step=batches_per_step,
+                       image_size=tuple(image_size) if image_size else None, seed=seed, train_norm=train_norm,
+                       min_per_layer=min_per_layer, structure=structure, channel_multiple=channel_multiple)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")
@@ -120,21 +100,9 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
 @_handle_errors
 def apply_masks_cmd(model, masks, out, storage, image_size):
     """Zero the masked weights of MODEL (no training) and write OUT.onnx."""
-    import json
-    import tempfile
-    from pathlib import Path
+    from stages.run.tools import apply_masks
 
-    from stages.export_onnx import export_onnx
-    from stages.import_onnx import import_onnx
-
-    side = Path(masks).with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.exists() else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        imported = import_onnx(model, tmp, image_size=tuple(image_size) if image_size else None)
-        provenance = {"source_sha256": imported.source_sha256, "method": meta.get("method", "unknown"),
-                      "sparsity": meta.get("target_sparsity"), "masks": Path(masks).name, "trained": False}
-        result = export_onnx(imported.normalized_path, None, out, masks_path=masks, storage=storage,
-                             provenance=provenance)
+    result = apply_masks(model, masks, out, storage=storage, image_size=tuple(image_size) if image_size else None)
     click.echo(f"{result.out_path}: sparsity {1 - result.density:.4f} of {result.n_prunable} prunable weights; "
                f"{result.size_bytes} bytes ({storage}); dense {result.dense_size_bytes} "
                f"(gzip {result.dense_gzip_bytes}), sparse {result.sparse_size_bytes} (gzip {result.sparse_gzip_bytes})")
@@ -148,7 +116,7 @@ def apply_masks_cmd(model, masks, out, storage, image_size):
 @_handle_errors
 def inspect_cmd(model, as_json, no_import, image_size):
     """Per-layer shapes, parameter counts and sparsity, opset, producer, and whether import succeeds."""
-    from stages.onnx_convert.inspection import inspect_model
+    from stages.run.tools import inspect_model
 
     info = inspect_model(model, try_import=not no_import, image_size=tuple(image_size) if image_size else None)
     if as_json:
@@ -234,26 +202,35 @@ def _stage_printer(names: tuple[str, ...], labels: dict | None = None):
     """(`run_stage`, `on_reused`) for the plain path: call the stage, then one line about it on stderr; a stage
     whose cached result is reused gets one line saying so. `labels` (run directory → label) prefixes each line with
     the sweep cell it belongs to."""
-    from stages.run_all import call_stage, describe
+    from stages.run.calls import call_stage, describe
 
     total = len(names)
 
-    def where(stage) -> str:
-        label = (labels or {}).get(stage.run_dir)
-        return (f"{label} " if label else "") + f"[{names.index(stage.name) + 1 if stage.name in names else 0}/{total}]"
+    def where(call) -> str:
+        label = (labels or {}).get(call.run_dir)
+        return (f"{label} " if label else "") + f"[{names.index(call.name) + 1 if call.name in names else 0}/{total}]"
 
-    def run_stage(stage):
-        click.echo(f"{where(stage)} {stage.name} ...", err=True)
+    def run_stage(call):
+        click.echo(f"{where(call)} {call.name} ...", err=True)
         t = time.perf_counter()
-        result = call_stage(stage)
+        result = call_stage(call)
         seconds = time.perf_counter() - t
-        click.echo(f"{where(stage)} {stage.name:<12} {seconds:6.1f}s  {describe(stage.name, result)}", err=True)
+        click.echo(f"{where(call)} {call.name:<12} {seconds:6.1f}s  {describe(result)}", err=True)
         return result
 
-    def on_reused(stage, result) -> None:
-        click.echo(f"{where(stage)} {stage.name}: reused (cached)  {describe(stage.name, result)}", err=True)
+    def on_reused(call, result) -> None:
+        click.echo(f"{where(call)} {call.name}: reused (cached)  {describe(result)}", err=True)
 
     return run_stage, on_reused
+
+
+def _prefect_api(wanted: bool):
+    """Prefect's temporary API started while the block checks the input (flows.serving.prefect_api_starting)."""
+    if not wanted:
+        return contextlib.nullcontext()
+    from flows.serving import prefect_api_starting
+
+    return prefect_api_starting()
 
 
 def _print_summary(summary: dict) -> None:
@@ -286,60 +263,6 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"  report: {summary['report_md']}")
 
 
-@contextlib.contextmanager
-def _prefect_api_starting(wanted: bool):
-    """Start Prefect's temporary API (no PREFECT_API_URL set) in a thread while the block checks the input, and wait
-    for it at the block's end: its ~4 s start-up overlaps the checks instead of following them, and the flow finds
-    the same server (Prefect keeps one per process). Bad input in the block kills it at once, so the error is not
-    held up by its shutdown. With an API configured, or none wanted, nothing happens."""
-    import threading
-
-    if not wanted:
-        yield
-        return
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        yield
-        return
-    servers = []
-
-    def start():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        servers.append(SubprocessASGIServer())
-        with contextlib.suppress(Exception):  # the flow starts it again and reports what goes wrong
-            servers[0].start()
-
-    thread = threading.Thread(target=start, name="prefect-api", daemon=True)
-    thread.start()
-    try:
-        yield
-    except BaseException:
-        if servers and servers[0].server_process is not None:
-            servers[0].server_process.kill()
-        raise
-    thread.join()
-
-
-def _run_flow(config, run_dir: str) -> dict:
-    """The pipeline through the Prefect flow (ephemeral API unless PREFECT_API_URL is set)."""
-    import json
-    from pathlib import Path
-
-    from flows.compress import force_compress
-
-    try:
-        return force_compress(**config.model_dump())
-    except NetworkCutError:  # stopped before training: no summary to show
-        raise
-    except GateFailedError:
-        path = Path(run_dir) / "summary.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        raise
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @_config_options
@@ -360,11 +283,12 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     import traceback
 
     from pipeline.config import make_config
-    from stages.run_all import check_request, run_all, stage_names
+    from stages.run.checks import check_request, hand_over
+    from stages.run.order import run_all, stage_names
 
     start = time.perf_counter()
     config = make_config(model=model, **fields)  # a bad option stops here, before Prefect is touched
-    with _prefect_api_starting(not no_prefect):
+    with _prefect_api(not no_prefect):
         request = check_request(config)  # bad input stops here, before any file is written
     # With --json, stdout carries the summary only: whatever a stage prints goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
@@ -374,7 +298,10 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
                 run_stage, on_reused = _stage_printer(stage_names(config))
                 summary = run_all(config, run_stage, request=request, on_reused=on_reused).to_dict()
             else:
-                summary = _run_flow(config, request.run_dir)
+                from flows.compress import run_flow
+
+                hand_over(config, request)  # the flow takes the checked request and its data, not checking again
+                summary = run_flow(config)
     except ForceCompressError:
         raise
     except Exception as e:  # internal error: keep the traceback, exit 4 (never 1, which means "gate failed")
@@ -419,12 +346,13 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
     import json
     import traceback
 
-    from stages.run_all import stage_names
-    from stages.sweep import baseline_run_dir, parse_methods, parse_sparsities, plan_sweep, run_sweep
+    from stages.run.checks import hand_over
+    from stages.run.order import stage_names
+    from stages.run.sweep import baseline_run_dir, parse_methods, parse_sparsities, plan_sweep, run_sweep
 
     start = time.perf_counter()
     sparsities, methods = parse_sparsities(sparsities), parse_methods(methods)  # before Prefect is touched
-    with _prefect_api_starting(not no_prefect):
+    with _prefect_api(not no_prefect):
         plan = plan_sweep({"model": model, **fields}, sparsities, methods, jobs)  # bad input stops here
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
@@ -435,7 +363,10 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
                 run_stage, on_reused = _stage_printer(stage_names(plan.base), labels)
                 summary = run_sweep(plan, run_stage, on_reused=on_reused).to_dict()
             else:
-                summary = _run_sweep_flow(plan, {"model": model, **fields})
+                from flows.sweep import run_sweep_flow
+
+                hand_over(plan.configs[0], plan.requests[0])
+                summary = run_sweep_flow(plan, {"model": model, **fields})
     except ForceCompressError:
         raise
     except Exception as e:  # internal error: exit 4, never 1
@@ -448,24 +379,6 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
     else:
         _print_sweep(summary)
     sys.exit(summary["exit_code"])
-
-
-def _run_sweep_flow(plan, fields: dict) -> dict:
-    """The sweep through the Prefect flow; with no cell passing, the summary it wrote (exit 1)."""
-    import json
-    from pathlib import Path
-
-    from flows.sweep import force_compress_sweep
-
-    params = {k: v for k, v in fields.items() if v is not None}
-    try:
-        return force_compress_sweep(**params, sparsities=list(plan.sparsities), methods=list(plan.methods),
-                                    jobs=plan.jobs)
-    except GateFailedError:
-        path = Path(plan.sweep_dir) / "sweep.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        raise
 
 
 def _print_sweep(summary: dict) -> None:
@@ -485,35 +398,11 @@ def serve() -> None:
     \b
     Then: prefect deployment run force-compress/force-compress --param model=/abs/model.onnx --param sparsity=0.9
      or:  prefect deployment run force-compress-sweep/force-compress-sweep --param model=/abs/model.onnx"""
+    # before Prefect is imported: its settings are read once, at import
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")  # pick runs up within ~2 s (default 10)
-    from prefect.settings import PREFECT_API_URL
+    from flows.serving import serve_deployments
 
-    if not PREFECT_API_URL.value():
-        raise EnvironmentProblem(
-            "no Prefect API to serve to: run `prefect server start --host 127.0.0.1` and "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)"
-        )
-    _check_prefect_api(str(PREFECT_API_URL.value()))
-    import httpx
-
-    from flows.sweep import serve as serve_deployment
-
-    try:
-        serve_deployment()
-    except (httpx.ConnectError, httpx.TimeoutException) as e:  # the server went away while serving
-        raise EnvironmentProblem(f"lost the Prefect API at {PREFECT_API_URL.value()}: {e}") from None
-
-
-def _check_prefect_api(url: str) -> None:
-    """EnvironmentProblem (exit 3) unless the Prefect API at `url` answers its health check."""
-    import httpx
-
-    try:
-        httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
-    except httpx.HTTPError as e:
-        raise EnvironmentProblem(
-            f"no Prefect API answers at {url} ({type(e).__name__}: {' '.join(str(e).split())[:120]}): start one with "
-            "`prefect server start --host 127.0.0.1` or fix PREFECT_API_URL") from None
+    serve_deployments()
 
 
 # --- commands: predict (a published model on its own) ---
@@ -531,7 +420,7 @@ def predict_cmd(model, images, top, as_json):
     import json
 
     from pipeline.predict import predict, resolve_model
-    from stages.publish import MODEL_FILE
+    from stages.publish.manifest import MODEL_FILE
 
     predictions = predict(resolve_model(model, MODEL_FILE), images, top=top)
     if as_json:

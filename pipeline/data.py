@@ -15,7 +15,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +58,14 @@ _SOURCES: dict[str, SourceFn] = {}
 
 def register_source(scheme: str) -> Callable[[SourceFn], SourceFn]:
     """Register a data source for specs `scheme` or `scheme:ARG`. The function gets (ARG, (C, H, W)) and returns
-    RawData at that shape; it raises DataError with one line on bad input."""
+    RawData at that shape; it raises DataError with one line on bad input. Schemes are unique: registering one
+    again raises ValueError naming it (registering the very same function again changes nothing)."""
 
     def deco(fn: SourceFn) -> SourceFn:
+        old = _SOURCES.get(scheme)
+        if old is not None and old is not fn:
+            by = f"{getattr(old, '__module__', '?')}.{getattr(old, '__qualname__', repr(old))}"
+            raise ValueError(f"a data source for scheme {scheme!r} is already registered (by {by}); choose another")
         _SOURCES[scheme] = fn
         return fn
 
@@ -360,6 +365,25 @@ class DataSplits:
     augment: Augment = field(default_factory=Augment)
     resize: str = "torch"  # RawData.resize and .scale of the source
     scale: str = "8-bit / 255"
+    default_flip: bool = True  # the source's: whether a horizontal flip keeps an image's class
+
+
+def augmentation(input_shape: tuple[int, int, int], default_flip: bool, augment: bool = True,
+                 flip: bool | None = None, pad: int | None = None) -> Augment:
+    """The training augmentation: `flip` None takes the source's default; `pad` None is max(1, round(H/8)) pixels of
+    crop padding; none at all unless `augment`."""
+    if not augment:
+        return Augment(pad=0, flip=False)
+    h = input_shape[1]
+    return Augment(pad=max(1, round(h / 8)) if pad is None else int(pad),
+                   flip=default_flip if flip is None else bool(flip))
+
+
+def augmented(splits: DataSplits, augment: bool = True) -> DataSplits:
+    """`splits` whose training set is augmented as `load_data(..., augment=augment)` would have made it: data opened
+    once without augmentation serves masks, validation and training alike."""
+    aug = augmentation(splits.input_shape, splits.default_flip, augment)
+    return replace(splits, train=splits.train_plain.with_augment(aug), augment=aug)
 
 
 def split_indices(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,10 +466,7 @@ def load_data(
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if len(mean) != c or len(std) != c:
         raise DataError(f"mean/std have {len(mean)}/{len(std)} values but the model has {c} channels")
-    aug = Augment(
-        pad=(max(1, round(h / 8)) if pad is None else int(pad)) if augment else 0,
-        flip=(raw.default_flip if flip is None else bool(flip)) if augment else False,
-    )
+    aug = augmentation((c, h, w), raw.default_flip, augment, flip, pad)
     train_plain = TensorImageDataset(x_tr, y_tr, mean, std)
     return DataSplits(
         train=train_plain.with_augment(aug),
@@ -460,6 +481,7 @@ def load_data(
         augment=aug,
         resize=raw.resize,
         scale=raw.scale,
+        default_flip=raw.default_flip,
     )
 
 

@@ -14,9 +14,14 @@ class ForceCompressError(Exception):
 
 
 class GateFailedError(ForceCompressError):
-    """The validation gate refused the model; nothing was published."""
+    """The validation gate refused the model; nothing was published. `summary`: the run's summary (what `--json`
+    prints), when the run got as far as validation."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class NetworkCutError(GateFailedError):

@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import onnx
 import torch
+from tqdm import tqdm
 
 import force_core
-from pipeline.artifacts import atomic_path, sha256_file, write_json_atomic
+from pipeline.artifacts import RunFiles, sha256_file
+from pipeline.data import mask_batches
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
-from stages.import_onnx import ParamMap, load_module
+from pipeline.stage import DATA_FIELDS, Stage
+from stages.onnx_convert.channels import Plan, analyze
+from stages.onnx_convert.mask_file import effective_sidecar, save_masks
+from stages.onnx_convert.param_map import ParamMap
+from stages.onnx_convert.passes._graph import real_inputs
+from stages.onnx_convert.to_torch import load_module
 
-__all__ = ["DATA_FREE_METHODS", "MaskResult", "compute_masks_stage", "effective_sidecar", "load_masks", "save_masks"]
-
-# methods that score weights without data (no --data needed)
-DATA_FREE_METHODS = frozenset({"random", "magnitude", "synflow"})
+__all__ = ["STAGE", "MaskResult", "compute_masks_stage", "mask_batch_count", "masks_stage"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,13 @@ class MaskResult:
     seconds: float = 0.0
     effective_density: float | None = None  # kept weights on an input→output path / all; None: not measured
     cut_layers: tuple[str, ...] = ()  # initializer names with no kept weight on any path
+    # channel structure: the graph's channel analysis the masks were computed on, handed to the cut stage so that
+    # the graph is analysed once per run
+    channel_plan: Plan | None = field(default=None, repr=False, compare=False)
+
+    def describe(self) -> str:
+        effective = "" if self.effective_density is None else f", effective {self.effective_density:.4f}"
+        return f"density {self.density:.4f} ({self.kept} kept of {self.total}){effective}"
 
 
 def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.PathLike, *, method: str,
@@ -56,8 +68,6 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     `structure="channel"`: whole channel groups (from the graph's dependency analysis) are kept or pruned; the
     sidecar lists the kept channels of each group, which the cut stage removes from the graph; `channel_multiple`:
     they are kept in blocks of that many per group."""
-    import time
-
     if method not in force_core.available_methods(structure):
         known = ", ".join(sorted(force_core.available_methods(structure)))
         kind = "" if structure == "unstructured" else f"{structure} "
@@ -66,9 +76,9 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
         raise BadInputError(f"density must be in (0, 1] (kept fraction), got {density}")
     batches = list(batches) if batches is not None else []
     if not batches:
-        if method not in DATA_FREE_METHODS:
-            raise BadInputError(f"method {method!r} scores weights on data: give --data "
-                                f"(data-free methods: {', '.join(sorted(DATA_FREE_METHODS))})")
+        if force_core.needs_data(method, structure):
+            free = ", ".join(sorted(force_core.data_free_methods(structure)))
+            raise BadInputError(f"method {method!r} scores weights on data: give --data (data-free methods: {free})")
         batches = [_dummy_batch(normalized_path)]
     device = resolve_device(str(device))
     module, param_map = load_module(normalized_path)
@@ -77,8 +87,11 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     n_weights = sum(p.numel() for n, p in module.named_parameters() if n in set(param_map.prunable))
     min_per_layer = min(min_per_layer, force_core.kept_count(density, n_weights) // max(1, len(param_map.prunable)))
     started = time.perf_counter()
+    plan = None
     if structure == "channel":
-        maskset, channel_meta = _channel_masks(module, normalized_path, param_map, batches, method=method,
+        graph = onnx.load(str(normalized_path))
+        plan = analyze(graph)
+        maskset, channel_meta = _channel_masks(module, graph, plan, param_map, batches, method=method,
                                                density=density, steps=steps, schedule=schedule,
                                                batches_per_step=batches_per_step, seed=seed, progress=progress,
                                                multiple=channel_multiple)
@@ -104,7 +117,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     return MaskResult(masks_path=masks_path, meta_path=meta_path, density=summary["density"],
                       kept=summary["kept_total"], total=summary["total"],
                       disconnected=tuple(summary["disconnected"]), method=method, seconds=seconds,
-                      effective_density=effective.effective_density, cut_layers=tuple(meta["cut_layers"]))
+                      effective_density=effective.effective_density, cut_layers=tuple(meta["cut_layers"]),
+                      channel_plan=plan)
 
 
 def _unstructured_masks(module, param_map: ParamMap, batches, *, collapse_ratio, **kwargs):
@@ -116,14 +130,10 @@ def _unstructured_masks(module, param_map: ParamMap, batches, *, collapse_ratio,
     return maskset, {}
 
 
-def _channel_masks(module, normalized_path, param_map: ParamMap, batches, **kwargs):
-    """Channel masks over the groups the graph analysis finds; the sidecar entries that the cut stage reads."""
-    import onnx
-
-    from stages.onnx_convert.channel_deps import analyze_channels
-
-    model = onnx.load(str(normalized_path))
-    analysis = analyze_channels(model)
+def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamMap, batches, **kwargs):
+    """Channel masks over the groups the graph analysis `plan` of `model` finds; the sidecar entries that the cut
+    stage reads."""
+    analysis = plan.analysis
     groups = torch_channel_groups(analysis, param_map, reading_axes(model))
     blocked = [f"{b.node} ({b.op_type}): {b.reason}" for b in analysis.blocked]
     if not groups:
@@ -189,13 +199,6 @@ def torch_channel_groups(analysis, param_map: ParamMap, reading: dict[str, set[i
     return groups
 
 
-def effective_sidecar(effective: force_core.EffectiveSparsity, param_map: ParamMap) -> dict:
-    """The sidecar's effective-sparsity entries, keyed by initializer name like `kept`."""
-    return {"effective_kept": {param_map.to_initializer(n): k for n, k in effective.effective_kept.items()},
-            "effective_kept_total": effective.effective_kept_total, "effective_density": effective.effective_density,
-            "cut_layers": [param_map.to_initializer(n) for n in effective.cut_layers]}
-
-
 def mask_batch_count(method: str, steps: int | None, batches_per_step: int, structure: str = "unstructured") -> int:
     """How many mini-batches a mask computation uses: fresh ones at every step, as the reference code draws
     them (FORCE.md), so an iterative method takes steps × batches_per_step (cycled when fewer are given)."""
@@ -206,57 +209,41 @@ def mask_batch_count(method: str, steps: int | None, batches_per_step: int, stru
     return (1 if spec.single_shot else (steps or spec.default_steps)) * batches_per_step
 
 
-def save_masks(out_path: str | os.PathLike, maskset, param_map: ParamMap, meta: dict) -> tuple[Path, Path, dict]:
-    """Write masks.npz (initializer name -> bool array in the initializer's layout) and the sidecar."""
-    out_path = Path(out_path)
-    arrays = {param_map.to_initializer(n): param_map.mask_to_onnx(n, m) for n, m in maskset.items()}
-    kept = {k: int(np.count_nonzero(v)) for k, v in arrays.items()}
-    sizes = {k: int(v.size) for k, v in arrays.items()}
-    total = sum(sizes.values())
-    summary = {
-        **meta, "total": total, "kept_total": sum(kept.values()),
-        "density": sum(kept.values()) / total if total else 1.0, "kept": kept, "sizes": sizes,
-        "disconnected": [k for k, v in kept.items() if v == 0], "keyed_by": "onnx initializer name",
-    }
-    with atomic_path(out_path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-    meta_path = write_json_atomic(out_path.with_suffix(".json"), summary)
-    return out_path, meta_path, summary
-
-
-def load_masks(masks_path: str | os.PathLike, param_map: ParamMap) -> force_core.MaskSet:
-    """masks.npz (initializer names) -> MaskSet keyed by the module's parameter names."""
-    import json
-
-    masks_path = Path(masks_path)
-    try:
-        with np.load(str(masks_path), allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{masks_path}: not a readable mask file: {' '.join(str(e).split())[:200]}") from None
-    unknown = sorted(set(arrays) - set(param_map.prunable_initializers))
-    if unknown:
-        raise BadInputError(f"{masks_path}: masks for initializers that are not prunable weights of this model: "
-                            f"{unknown[:3]} (computed for another model?)")
-    try:
-        masks = param_map.masks_from_onnx(arrays)
-    except ValueError as e:
-        raise BadInputError(f"{masks_path}: {e}") from None
-    side = masks_path.with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.exists() else {}
-    meta = {k: v for k, v in meta.items() if k not in ("kept", "sizes", "effective_kept")}
-    return force_core.MaskSet(masks, meta)
-
-
 def _dummy_batch(normalized_path) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free methods still run the model once (synflow needs a forward pass of ones): one input of
     the model's shape, labels 0."""
-    import onnx
-
-    from stages.onnx_convert.passes._graph import real_inputs
-
     model = onnx.load(str(normalized_path), load_external_data=False)
     dims = real_inputs(model.graph)[0].type.tensor_type.shape.dim[1:]
     shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 32 for d in dims]
     return torch.zeros((2, *shape)), torch.zeros(2, dtype=torch.long)
+
+
+def masks_stage(normalized_path: str, run_dir: str, config, data) -> MaskResult:
+    """The pipeline's masks for `normalized_path`, on the mini-batches of the run's opened `data` this method uses,
+    with a progress bar."""
+    n = mask_batch_count(config.method, config.steps, config.mask_batches_per_step, config.structure)
+    batches = mask_batches(data, config.mask_batch_size, n, seed=config.seed)
+    # disable=None: no carriage-return bar in non-terminal logs (CI jobs)
+    bar = tqdm(total=config.steps, desc=f"masks ({config.method})", leave=False, unit="step", disable=None)
+
+    def progress(step: int, total: int, info: dict) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in info.items() if isinstance(v, float)}, refresh=False)
+
+    try:
+        return compute_masks_stage(
+            normalized_path, Path(run_dir) / RunFiles.MASKS, method=config.method, density=config.density,
+            steps=config.steps, schedule=config.schedule, batches=batches,
+            batches_per_step=config.mask_batches_per_step, seed=config.seed, progress=progress,
+            device=resolve_device(config.device), train_norm=config.train_norm, on_collapse=config.on_collapse,
+            min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
+        )
+    finally:
+        bar.close()
+
+
+STAGE = Stage("masks", masks_stage, outputs=(RunFiles.MASKS, RunFiles.MASKS_META),
+              reads=DATA_FIELDS | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
+                                   "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple",
+                                   "train_norm", "device"})

@@ -16,18 +16,19 @@ import onnx
 import torch
 
 import force_core
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import RunFiles, atomic_path
 from pipeline.errors import BadInputError, ParityError
-from stages.compute_masks import save_masks
-from stages.import_onnx import load_module
+from pipeline.stage import DATA_FIELDS, Stage
 from stages.onnx_convert import runtime
-from stages.onnx_convert.channel_cut import cut_channels, mask_channels
-from stages.onnx_convert.channel_deps import analyze_channels
+from stages.onnx_convert.channels import Plan, analyze, cut_channels, mask_channels
 from stages.onnx_convert.costs import model_costs
+from stages.onnx_convert.mask_file import save_masks
+from stages.onnx_convert.to_torch import load_module
 
-__all__ = ["CUT_NAME", "CutResult", "cut_stage"]
+__all__ = ["CUT_NAME", "STAGE", "CutResult", "cut_graph", "cut_stage"]
 
-CUT_NAME = "cut.onnx"
+CUT_NAME = RunFiles.CUT
+PROOF_IMAGES = 32  # training images the cut is proven on
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,27 @@ class CutResult:
     costs_before: dict
     costs_after: dict
 
+    def describe(self) -> str:
+        before, after = self.costs_before, self.costs_after
+        return (f"{self.channels_kept} of {self.channels_total} channels kept; parameters {before['params']:,} → "
+                f"{after['params']:,}, MACs {before['macs'] / 1e6:,.1f}M → {after['macs'] / 1e6:,.1f}M; "
+                f"parity with the masked model {self.parity_max_rel:.1e}")
 
-def cut_stage(normalized_path: str | os.PathLike, masks_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-              images: np.ndarray, parity_tol: float = 1e-4) -> CutResult:
+
+def cut_graph(normalized_path: str | os.PathLike, masks_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+              images: np.ndarray, parity_tol: float = 1e-4, plan: Plan | None = None) -> CutResult:
     """Cut the channels that masks.json (beside `masks_path`) does not keep out of `normalized_path`; `images`
-    (N, C, H, W) are the inputs the cut is proven on. Nothing is written unless the proof holds."""
+    (N, C, H, W) are the inputs the cut is proven on. `plan`: the graph's channel analysis when the masks came with
+    it (else it is analysed here). Nothing is written unless the proof holds."""
     normalized_path, out_dir = Path(normalized_path), Path(out_dir)
     meta = json.loads(Path(masks_path).with_suffix(".json").read_text())
     if meta.get("structure") != "channel":
         raise BadInputError(f"{masks_path}: not channel masks (structure {meta.get('structure')!r})")
     model = onnx.load(str(normalized_path))
-    analysis = analyze_channels(model)
+    plan = plan or analyze(model)
+    analysis = plan.analysis
     keep = _keep_arrays(analysis, meta, masks_path)
-    cut = cut_channels(model, analysis, keep)
+    cut = cut_channels(model, analysis, keep, plan=plan)
     masked = mask_channels(model, analysis, keep)
     x = np.ascontiguousarray(images, dtype=np.float32)
     want = runtime.run(runtime.session(masked.SerializeToString()), x)
@@ -69,7 +78,7 @@ def cut_stage(normalized_path: str | os.PathLike, masks_path: str | os.PathLike,
     out = out_dir / CUT_NAME
     with atomic_path(out) as tmp:
         onnx.save(cut, str(tmp))
-    cut_masks = _all_kept_masks(out, out_dir / "cut_masks.npz", meta)
+    cut_masks = _all_kept_masks(out, out_dir / RunFiles.CUT_MASKS, meta)
     return CutResult(cut_path=out, masks_path=cut_masks, parity_max_abs=diff, parity_max_rel=rel,
                      channels_kept=int(meta["channels_kept"]), channels_total=int(meta["channels_total"]),
                      costs_before=model_costs(model, input_shape).to_dict(),
@@ -98,3 +107,14 @@ def _all_kept_masks(cut_path: Path, out: Path, meta: dict) -> Path:
             "note": "the cut network trains dense: every remaining weight is kept"}
     path, _, _ = save_masks(out, masks, param_map, side)
     return path
+
+
+def cut_stage(normalized_path: str, masks, run_dir: str, config, data) -> CutResult:
+    """The pipeline's cut of `normalized_path` by the channel masks `masks` (MaskResult, with the channel analysis
+    they were computed on), proven on the first training images of the run's data (never the held-out split)."""
+    images, _ = data.train_plain.batch(torch.arange(min(PROOF_IMAGES, len(data.train_plain))))
+    return cut_graph(normalized_path, masks.masks_path, run_dir, images=images.numpy(), parity_tol=config.parity_tol,
+                     plan=masks.channel_plan)
+
+
+STAGE = Stage("cut", cut_stage, reads=DATA_FIELDS | {"parity_tol"}, outputs=(RunFiles.CUT, RunFiles.CUT_MASKS))

@@ -22,17 +22,18 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import RunFiles, atomic_path
 from pipeline.errors import BadInputError, ForceCompressError
-from pipeline.preprocessing import Preprocessing
-from stages.import_onnx import load_module
+from pipeline.preprocessing import Preprocessing, describe_splits
+from pipeline.stage import DATA_FIELDS, Stage
 from stages.onnx_convert import runtime
+from stages.onnx_convert.model_io import fits_in_protobuf, save_model
+from stages.onnx_convert.passes._graph import real_inputs
+from stages.onnx_convert.sparse_storage import to_sparse_initializers
+from stages.onnx_convert.to_torch import load_module
 
-__all__ = ["ExportResult", "export_onnx", "sparse_initializer_bytes", "to_sparse_initializers",
-           "training_preprocessing", "write_values"]
+__all__ = ["STAGE", "ExportResult", "export_onnx", "export_stage", "write_values"]
 
-_EXTERNAL_DATA_BYTES = 2**31 - 2**24
-_INDEX_BYTES = 8  # ONNX sparse indices are int64
 PROVENANCE_PREFIX = "force_compress."
 
 
@@ -55,6 +56,11 @@ class ExportResult:
     external_data: bool
     ort_max_abs_diff: float  # onnxruntime: sparse file vs dense model (0.0 when storage is dense)
     compact_path: Path | None = None  # the same model with sparse initializers, written when asked and smaller
+
+    def describe(self) -> str:
+        compact = f", {Path(self.compact_path).name} ({self.sparse_size_bytes / 1e6:.2f} MB)" \
+            if self.compact_path else ""
+        return f"{Path(self.out_path).name} ({self.size_bytes / 1e6:.2f} MB){compact}"
 
 
 def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.PathLike | None,
@@ -83,7 +89,7 @@ def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.Pa
     if preprocessing is not None:
         _set_metadata(model, preprocessing.metadata_props())
 
-    dense_bytes = model.SerializeToString() if model.ByteSize() < _EXTERNAL_DATA_BYTES else None
+    dense_bytes = model.SerializeToString() if fits_in_protobuf(model) else None
     sparse_model, chosen = to_sparse_initializers(model, only=set(param_map.prunable_initializers))
     sparse_bytes = sparse_model.SerializeToString() if dense_bytes is not None else None
     external = dense_bytes is None
@@ -96,8 +102,7 @@ def export_onnx(normalized_path: str | os.PathLike, state_dict_path: str | os.Pa
     x = torch.randn((2, *_input_shape(model)), generator=torch.Generator().manual_seed(0)).numpy()
     with atomic_path(out_path) as tmp:
         if external:
-            onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=f"{out_path.name}.data", size_threshold=1024)
+            save_model(model, tmp, out_path.name)
         else:
             tmp.write_bytes(sparse_bytes if storage == "sparse" else dense_bytes)
         diff = _prove_round_trip(tmp, dense_bytes, x, sparse=storage == "sparse", n_sparse=len(chosen))
@@ -163,43 +168,6 @@ def write_values(model: onnx.ModelProto, param_map, state: Mapping[str, torch.Te
     return stats
 
 
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
-
-
-def to_sparse_initializers(model: onnx.ModelProto, only: set[str] | None = None,
-                           dtypes: tuple[int, ...] = _FLOATS) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `model` where each initializer of `dtypes` (in `only`, if given) whose sparse form is smaller
-    (values + int64 linear indices, so above roughly two-thirds zeros for float32) is a sparse_initializer."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    keep, chosen = [], []
-    for t in graph.initializer:
-        if (only is not None and t.name not in only) or t.data_type not in dtypes:
-            keep.append(t)
-            continue
-        value = numpy_helper.to_array(t)
-        flat = value.reshape(-1)
-        nz = np.flatnonzero(flat)
-        if nz.size * (value.itemsize + _INDEX_BYTES) >= value.nbytes:
-            keep.append(t)
-            continue
-        sparse = onnx.SparseTensorProto()
-        sparse.dims.extend(value.shape)
-        sparse.values.CopyFrom(numpy_helper.from_array(flat[nz], t.name))
-        sparse.indices.CopyFrom(numpy_helper.from_array(nz.astype(np.int64), f"{t.name}__indices"))
-        graph.sparse_initializer.append(sparse)
-        chosen.append(t.name)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return out, chosen
-
-
-def sparse_initializer_bytes(model: onnx.ModelProto) -> bytes:
-    """The model serialised with every float initializer stored sparse where that is smaller."""
-    return to_sparse_initializers(model)[0].SerializeToString()
-
-
 # ------------------------------------------------------------------------------------------------
 def _prove_round_trip(path: Path, dense_bytes: bytes | None, x: np.ndarray, *, sparse: bool, n_sparse: int) -> float:
     """The written file loads, passes the checker, runs in onnxruntime; a sparse file keeps every sparse
@@ -220,8 +188,6 @@ def _prove_round_trip(path: Path, dense_bytes: bytes | None, x: np.ndarray, *, s
 
 
 def _input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
-    from stages.onnx_convert.passes._graph import real_inputs
-
     dims = real_inputs(model.graph)[0].type.tensor_type.shape.dim[1:]
     shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
     if 0 in shape:  # dynamic spatial size: the parity input size is recorded at import; any valid one does
@@ -250,17 +216,6 @@ def _load_onnx_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise BadInputError(f"{path}: not a readable mask file (.npz): {' '.join(str(e).split())[:200]}") from None
 
 
-def training_preprocessing(model_path: str | os.PathLike, config) -> Preprocessing:
-    """The preprocessing of training for the classifier `model_path` under `config` (a CompressConfig): its data
-    spec, split and seed at the model's input size (pipeline.preprocessing.preprocessing_for)."""
-    from pipeline.preprocessing import preprocessing_for
-    from stages.validate import classifier_io
-
-    _, input_shape, num_classes = classifier_io(onnx.load(str(model_path)), config.image_size)
-    return preprocessing_for(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                             seed=config.seed)
-
-
 def _add_provenance(model: onnx.ModelProto, provenance: Mapping) -> None:
     try:
         tool = version("force-compress")
@@ -286,3 +241,16 @@ def _gzip_len(data: bytes) -> int:
     return len(gzip.compress(data, compresslevel=6))
 
 
+def export_stage(graph: str, trained, masks, config, run_dir: str, data, source_sha256: str) -> ExportResult:
+    """The pipeline's export: the trained weights (`trained`: TrainResult) written into `graph` (normalized.onnx, or
+    cut.onnx after a channel cut) under `masks` (its `masks_path`), with provenance and the preprocessing of `data`
+    in its metadata, and the compact form beside it when smaller."""
+    provenance = {"source_sha256": source_sha256, "method": config.method, "sparsity": config.sparsity}
+    return export_onnx(graph, trained.state_path, Path(run_dir) / RunFiles.EXPORTED, masks_path=masks.masks_path,
+                       storage=config.storage, provenance=provenance, compact_path=Path(run_dir) / RunFiles.COMPACT,
+                       preprocessing=describe_splits(data))
+
+
+# method and sparsity: provenance in the file's metadata; the data fields and image_size: its preprocessing
+STAGE = Stage("export", export_stage, reads=DATA_FIELDS | {"method", "sparsity", "storage", "image_size"},
+              outputs=(RunFiles.EXPORTED,))

@@ -16,19 +16,19 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.artifacts import atomic_path, sha256_file
+from pipeline.artifacts import RunFiles, atomic_path, sha256_file
 from pipeline.errors import BadInputError, ParityError, UnsupportedOperatorError
+from pipeline.stage import Stage
 from stages.onnx_convert import runtime
-from stages.onnx_convert.model_io import load_checked
+from stages.onnx_convert.model_io import fits_in_protobuf, load_checked, save_model
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
 from stages.onnx_convert.passes import explicit_bias, normalize
 from stages.onnx_convert.passes._graph import real_inputs
 from stages.onnx_convert.to_torch import to_torch
 
-__all__ = ["ImportResult", "ParamEntry", "ParamMap", "import_onnx", "load_module", "parity"]
+__all__ = ["STAGE", "ImportResult", "ParamEntry", "ParamMap", "import_onnx", "import_stage", "parity"]
 
-NORMALIZED_NAME = "normalized.onnx"
-_EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom for the graph itself
+NORMALIZED_NAME = RunFiles.NORMALIZED
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class ImportResult:
     ir_version: int = 0
     producer: str = ""
 
+    def describe(self) -> str:
+        return (f"{Path(self.normalized_path).name}, opset {self.opset}, {self.n_prunable} prunable tensors, "
+                f"parity {self.parity_max_abs:.1e}")
+
 
 def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, parity_tol: float = 1e-4,
                 image_size: tuple[int, int] | None = None, train_norm: bool = False) -> ImportResult:
@@ -58,7 +62,7 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
     source_sha = sha256_file(model_path)
     source = copy.deepcopy(model)
     changes = tuple(normalize(model)) + (tuple(explicit_bias.run(model)) if train_norm else ())
-    if model.ByteSize() < _EXTERNAL_DATA_BYTES:
+    if fits_in_protobuf(model):
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:  # internal: a pass broke the graph
@@ -69,7 +73,7 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
 
     out = Path(out_dir) / NORMALIZED_NAME
     with atomic_path(out) as tmp:
-        _save(model, tmp, out.name)
+        save_model(model, tmp, out.name)
         try:
             max_abs, max_rel, logits = parity(module, tmp, input_shape, tol=parity_tol, source=source)
         except UnsupportedOperatorError as e:
@@ -85,13 +89,6 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
         parity_max_rel=max_rel, input_name=inp.name, input_shape=input_shape, num_classes=num_classes,
         opset=_opset(model), n_prunable=len(param_map.prunable), n_prunable_weights=n_weights,
         output_name=model.graph.output[0].name, ir_version=model.ir_version, producer=model.producer_name)
-
-
-def load_module(normalized_path: str | os.PathLike) -> tuple[nn.Module, ParamMap]:
-    """Rebuild the trainable module (train mode) and its ParamMap from `normalized.onnx`; the same file
-    always gives the same names and values."""
-    model = onnx.load(str(normalized_path), load_external_data=True)
-    return to_torch(model)
 
 
 def parity(module: nn.Module, model_path: str | os.PathLike, input_shape: tuple[int, ...], *, tol: float = 1e-4,
@@ -131,7 +128,7 @@ def _check_batch_rewrite(source: onnx.ModelProto, y: np.ndarray, x: np.ndarray, 
     dims = real_inputs(source.graph)[0].type.tensor_type.shape.dim
     if not (len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1):
         return
-    sess = runtime.session(source.SerializeToString() if source.ByteSize() < _EXTERNAL_DATA_BYTES else b"")
+    sess = runtime.session(source.SerializeToString() if fits_in_protobuf(source) else b"")
     rows = np.concatenate([runtime.run(sess, x[i:i + 1]) for i in range(x.shape[0])])
     diff = float(np.max(np.abs(rows - y))) / max(float(np.max(np.abs(rows))), 1e-12)
     if diff > tol:
@@ -164,9 +161,11 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _save(model: onnx.ModelProto, path: Path, final_name: str) -> None:
-    if model.ByteSize() < _EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path))
-    else:  # protobuf cannot hold > 2 GB: weights go beside the graph
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=f"{final_name}.data", size_threshold=1024)
+def import_stage(model_path: str, run_dir: str, config) -> ImportResult:
+    """The pipeline's import: `model_path` normalised into `run_dir` under the config's import options."""
+    return import_onnx(model_path, run_dir, parity_tol=config.parity_tol, image_size=config.image_size,
+                       train_norm=config.train_norm)
+
+
+STAGE = Stage("import", import_stage, reads=frozenset({"image_size", "parity_tol", "train_norm"}),
+              outputs=(RunFiles.NORMALIZED,))

@@ -12,17 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import RunFiles, atomic_path
 from pipeline.errors import BadInputError
+from pipeline.stage import DATA_FIELDS, Stage
+from stages.onnx_convert.passes._graph import real_inputs
+from stages.onnx_convert.scoring import fixed_batch
 
-__all__ = ["INT8_NAME", "QUANTIZED_OPS", "QuantizeResult", "check_not_quantized", "cpu_int8_features",
-           "quantize_int8"]
+__all__ = ["INT8_NAME", "QUANTIZED_OPS", "STAGE", "QuantizeResult", "check_not_quantized", "cpu_int8_features",
+           "quantize_int8", "quantize_stage"]
 
-INT8_NAME = "model.int8.onnx"
+INT8_NAME = RunFiles.INT8
+CALIBRATION_IMAGES = 256
 # Operators that mean a model is quantized already (QDQ pairs, QOperator kernels, integer matmuls).
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "QLinearAdd", "QLinearMul", "QGemm", "ConvInteger", "MatMulInteger"})
+
+
 @dataclass(frozen=True)
 class QuantizeResult:
     out_path: Path
@@ -30,6 +37,15 @@ class QuantizeResult:
     calibration_images: int
     reduce_range: bool  # 7-bit weights, as onnxruntime advises on x86 CPUs without VNNI
     cpu_features: dict
+
+    def notes(self) -> dict:
+        """What validation reports of the quantization (everything but the file)."""
+        return {"fp32_nodes": self.fp32_nodes, "calibration_images": self.calibration_images,
+                "reduce_range": self.reduce_range, "cpu_features": self.cpu_features}
+
+    def describe(self) -> str:
+        left = f", {len(self.fp32_nodes)} node(s) left in FP32" if self.fp32_nodes else ""
+        return f"{Path(self.out_path).name} ({Path(self.out_path).stat().st_size / 1e6:.2f} MB){left}"
 
 
 def check_not_quantized(model: onnx.ModelProto, what: str) -> None:
@@ -60,10 +76,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, ima
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     model = onnx.load(str(fp32_path), load_external_data=False)
     check_not_quantized(model, fp32_path.name)
-    inits = {t.name for t in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in inits)
-    d0 = graph_input.type.tensor_type.shape.dim[0]
-    step = d0.dim_value if d0.HasField("dim_value") and d0.dim_value > 0 else batch
+    graph_input = real_inputs(model.graph)[0]
+    step = fixed_batch(model) or batch
     feeds = [images[i : i + step] for i in range(0, len(images) - step + 1, step)] or [images[:step]]
 
     class Reader(CalibrationDataReader):
@@ -113,3 +127,14 @@ def fp32_compute_nodes(model: onnx.ModelProto) -> list[str]:
         if not quantized:
             left.append(f"{n.name or n.output[0]} ({n.op_type})")
     return left
+
+
+def quantize_stage(exported, run_dir: str, data) -> QuantizeResult:
+    """The pipeline's INT8 form of the export (`exported`: ExportResult), calibrated on a seeded draw of training
+    images, never the held-out split."""
+    n = min(CALIBRATION_IMAGES, len(data.train))
+    images, _ = data.train.batch(torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n])
+    return quantize_int8(exported.out_path, Path(run_dir) / RunFiles.INT8, images.numpy())
+
+
+STAGE = Stage("quantize", quantize_stage, reads=DATA_FIELDS, outputs=(RunFiles.INT8,))

@@ -15,8 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from stages.onnx_convert import runtime
-from stages.onnx_convert.channel_cut import cut_channels, mask_channels
-from stages.onnx_convert.channel_deps import ChannelAnalysis, analyze_channels
+from stages.onnx_convert.channels import ChannelAnalysis, analyze_channels, cut_channels, mask_channels
 from stages.onnx_convert.passes import explicit_bias, normalize
 from stages.onnx_convert.torchvision_export import export_torchvision
 

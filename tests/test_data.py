@@ -191,6 +191,26 @@ def test_register_source_extends_specs():
         data._SOURCES.pop("ones")
 
 
+def test_register_source_refuses_a_scheme_twice():
+    def first(arg, shape):
+        return data.RawData(torch.ones(4, *shape), torch.arange(4) % 2, ("a", "b"))
+
+    def second(arg, shape):
+        return data.RawData(torch.zeros(4, *shape), torch.arange(4) % 2, ("a", "b"))
+
+    try:
+        register_source("twice")(first)
+        with pytest.raises(ValueError, match=r"scheme 'twice' is already registered \(by .*first\)"):
+            register_source("twice")(second)
+        register_source("twice")(first)  # the very same function: no change
+        assert data._SOURCES["twice"] is first
+        with pytest.raises(ValueError, match="scheme 'digits' is already registered"):
+            register_source("digits")(second)
+        assert data._SOURCES["digits"] is data._digits
+    finally:
+        data._SOURCES.pop("twice", None)
+
+
 def test_mask_batches_are_seeded_fresh_draws(digits16):
     a = mask_batches(digits16, 64, 30, seed=1)
     b = mask_batches(digits16, 64, 30, seed=1)

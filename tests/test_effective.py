@@ -169,7 +169,7 @@ def _mask_result(density: float, effective: float | None, cut=(), empty=()):
 def test_the_check_stops_a_cut_network_with_one_line_naming_its_layers():
     from pipeline.config import make_config
     from pipeline.errors import NetworkCutError
-    from stages.run_all import check_cut
+    from stages.run.checks import check_cut
 
     config = make_config(model="m.onnx", sparsity=0.99)
     cut = ("conv1.weight", "conv2.weight", "conv3.weight", "fc.weight")

@@ -12,7 +12,8 @@ from prefect.artifacts import Artifact
 from flows.compress import force_compress, run_stage_as_task
 from pipeline.config import CompressConfig
 from pipeline.errors import GateFailedError
-from stages.run_all import Stage
+from pipeline.stage import Stage
+from stages.run.calls import StageCall
 
 
 def test_flow_parameters_are_the_config_fields_with_their_defaults_and_constraints():
@@ -51,9 +52,9 @@ def test_publish_retries_transient_io_errors_but_not_a_refused_gate(prefect_harn
 
     @flow
     def publish_twice():
-        ok = run_stage_as_task(Stage("publish", flaky_io, {}, cache=False))
+        ok = run_stage_as_task(StageCall(Stage("publish", flaky_io, reads=None), {}))
         with pytest.raises(GateFailedError):
-            run_stage_as_task(Stage("publish", refused, {}, cache=False))
+            run_stage_as_task(StageCall(Stage("publish", refused, reads=None), {}))
         return ok
 
     assert publish_twice() == "published"

@@ -550,6 +550,49 @@ def test_registry_lists_builtins_and_rejects_duplicates():
         force_core.register_method("force")(lambda ctx: None)
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_registering_a_method_name_twice_is_refused_and_keeps_the_first(structure):
+    name = f"test_duplicate_{structure}"
+
+    def first(ctx):
+        pass
+
+    def second(ctx):
+        pass
+
+    methods = force_core.registry._METHODS[structure]
+    try:
+        force_core.register_method(name, structure=structure, default_steps=3)(first)
+        spec = force_core.get_method(name, structure)
+        with pytest.raises(ValueError, match=rf"named '{name}' is already registered \(by .*first\)"):
+            force_core.register_method(name, structure=structure, default_steps=3)(second)
+        with pytest.raises(ValueError, match=f"'{name}' is already registered"):  # same function, other options
+            force_core.register_method(name, structure=structure, default_steps=7)(first)
+        force_core.register_method(name, structure=structure, default_steps=3)(first)  # the very same: no change
+        assert force_core.get_method(name, structure) is spec and spec.fn is first and spec.default_steps == 3
+        assert force_core.available_methods(structure).count(name) == 1
+    finally:
+        methods.pop(name, None)
+
+
+def test_data_free_methods_are_what_the_registry_says():
+    # (other tests register methods of their own: only the built-ins are checked)
+    assert force_core.data_free_methods() & set(METHODS) == {"random", "magnitude", "synflow"}
+    channel_builtins = {"force", "iter_snip", "snip", "magnitude", "random"}
+    assert force_core.data_free_methods("channel") & channel_builtins == {"random", "magnitude"}
+    for name in METHODS:
+        assert force_core.needs_data(name) == (name in {"snip", "iter_snip", "force", "grasp"}), name
+    assert not force_core.needs_data("magnitude", structure="channel") and force_core.needs_data("force", "channel")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        force_core.needs_data("nope")
+    # synflow is data-free: its masks are the same for any batch of the input's shape (test_synflow_is_data_free)
+    model = small_cnn()
+    x, y = batch()
+    a = compute_masks(model, [(torch.zeros_like(x), torch.zeros_like(y))], method="synflow", density=0.05, steps=3)
+    b = compute_masks(model, [(x, y)], method="synflow", density=0.05, steps=3)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 # ---------------------------------------------------------------- bad arguments
 
 

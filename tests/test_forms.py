@@ -26,8 +26,8 @@ def _cli(args, cwd, timeout=300):
 def test_a_version_holds_dense_compact_and_int8_forms_each_validated(tiny_at_init, tmp_path):
     from pipeline.artifacts import sha256_file
     from pipeline.data import load_data
+    from stages.onnx_convert.scoring import onnx_accuracy
     from stages.onnx_convert.sparsity import file_sparsity
-    from stages.validate import onnx_accuracy
 
     r = _cli([tiny_at_init, *TINY, "--quantize", "int8", "--no-prefect", "--json"], tmp_path)
 
@@ -76,8 +76,8 @@ def test_an_already_quantized_model_with_quantize_exits_2_before_any_work(tiny_d
 
 def test_int8_sparsity_is_read_through_dequantize_linear(tiny_digits, tmp_path):
     from stages.export_onnx import write_values
-    from stages.import_onnx import load_module
     from stages.onnx_convert.sparsity import file_sparsity
+    from stages.onnx_convert.to_torch import load_module
     from stages.quantize import quantize_int8
 
     path, _, splits = tiny_digits
@@ -102,7 +102,7 @@ def test_int8_sparsity_is_read_through_dequantize_linear(tiny_digits, tmp_path):
 
 def test_the_gate_refuses_an_int8_model_that_loses_more_than_max_drop():
     from pipeline.config import make_config
-    from stages.validate import form_checks
+    from stages.measure.gate import form_checks
 
     config = make_config(model="m.onnx", min_accuracy=0.5, baseline_accuracy=0.9, max_drop=0.01)
     fp32 = {"role": "fp32", "top1": 0.95, "prunable_zeros": 90, "prunable_total": 100}

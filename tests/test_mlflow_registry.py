@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import make_config
 from pipeline.errors import EnvironmentProblem
+from stages.measure.report import load_report
 from stages.publish import publish
-from stages.publish_mlflow import EXPERIMENT
-from stages.publish_mlflow import _tracking_uri as _tracking  # the flavour loads through the global URI
-from stages.validate import load_report
+from stages.publish.mlflow_registry import EXPERIMENT
+from stages.publish.mlflow_registry import _tracking_uri as _tracking  # the flavour loads through the global URI
 
 TINY = ["--sparsity", "0.9", "--epochs", "1", "--steps", "2", "--mask-batch-size", "64", "--batch-size", "64",
         "--min-accuracy", "0.15"]

@@ -69,9 +69,10 @@ def test_nproc_is_a_config_field_so_cli_make_and_flow_have_it():
 
 
 def test_nproc_keys_the_training_stage_only():
-    from stages.run_all import STAGE_FIELDS, run_fingerprint
+    from stages.run.checks import run_fingerprint
+    from stages.run.order import STAGES
 
-    assert [stage for stage, fields in STAGE_FIELDS.items() if "nproc" in fields] == ["sparse-train"]
+    assert [s.name for s in STAGES if s.reads is not None and "nproc" in s.reads] == ["sparse-train"]
     base = make_config(model="m.onnx")
     assert run_fingerprint(base.model_copy(update={"nproc": 2})) != run_fingerprint(base)
 
@@ -79,10 +80,10 @@ def test_nproc_keys_the_training_stage_only():
 def test_more_processes_than_gpus_is_bad_input_and_than_cores_a_warning(monkeypatch):
     import warnings
 
-    import pipeline.devices
-    from stages.train_worker import check_nproc
+    from stages.sparse_train import worker
+    from stages.sparse_train.worker import check_nproc
 
-    monkeypatch.setattr(pipeline.devices, "resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(worker, "resolve_device", lambda device: torch.device(device))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(BadInputError, match=r"--nproc 2 .* 1 GPU\(s\); use --nproc 1 or fewer, or --device cpu"):
         check_nproc(2, "cuda")
@@ -122,7 +123,7 @@ def test_sync_batchnorm_keeps_parameters_buffers_and_outputs():
     """What CUDA runs under DDP (SyncBatchNorm), checked where it can be here: outside a process group the
     converted module computes exactly what the BatchNorm one does, with the same tensors and state_dict keys."""
     from force_core.train_norm import FeatureBatchNorm
-    from stages.sparse_train import sync_batchnorm_
+    from stages.sparse_train.training import sync_batchnorm_
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 6),
@@ -143,7 +144,7 @@ def test_sync_batchnorm_keeps_parameters_buffers_and_outputs():
 
 
 def test_worker_bad_input_comes_back_as_the_same_error(reference, tmp_path):
-    from stages.train_worker import sparse_train_processes
+    from stages.sparse_train.worker import sparse_train_processes
 
     work, summary = reference
     run_dir = work / summary["run_dir"]
@@ -178,7 +179,8 @@ def test_cli_nproc_2_survives_a_worker_crash_then_equals_nproc_1(reference, tiny
 @pytest.mark.slow  # ~30 s: the default suite keeps this file under 90 s on 2 cores; `pytest -m slow` runs it
 def test_two_nodes_by_rendezvous_one_launched_by_compress_one_joining(reference, tiny_at_init, tmp_path):
     """README's multi-node recipe on one machine: `compress` with torchrun's PET_* rendezvous variables is one
-    node, a bare `torchrun ... -m stages.train_worker` (no run directory, another working directory) the other."""
+    node, a bare `torchrun ... -m stages.sparse_train.worker` (no run directory, another working directory) the
+    other."""
     work, one = reference
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,7 +189,7 @@ def test_two_nodes_by_rendezvous_one_launched_by_compress_one_joining(reference,
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     other = subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
                               "c10d", "--rdzv-endpoint", rdzv["PET_RDZV_ENDPOINT"], "--rdzv-id", rdzv["PET_RDZV_ID"],
-                              "-m", "stages.train_worker"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              "-m", "stages.sparse_train.worker"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         r = _cli([tiny_at_init, *RECIPE, "--nproc", "1", "--runs-dir", "runs-2nodes"], work,

@@ -15,11 +15,13 @@ from onnx import numpy_helper
 from onnx_corpus import CASES
 
 import pipeline.errors
-from stages.compute_masks import compute_masks_stage, load_masks
+from stages.compute_masks import compute_masks_stage
 from stages.export_onnx import export_onnx
-from stages.import_onnx import import_onnx, load_module
+from stages.import_onnx import import_onnx
 from stages.onnx_convert import runtime
+from stages.onnx_convert.mask_file import load_masks
 from stages.onnx_convert.passes import dynamic_batch
+from stages.onnx_convert.to_torch import load_module
 
 DENSITY = 0.1
 FOLDED_OPS = {"Identity", "Constant", "ConstantOfShape"}
@@ -131,7 +133,7 @@ def test_corpus_round_trip(case_id, corpus_dir, tmp_path):
 def test_corpus_channel_cut(case_id, corpus_dir, tmp_path):
     """`--structure channel` on every corpus model: random channel masks, then the cut proven against the masked
     model under onnxruntime; or, where nothing can be cut, one clear line (exit 2), before anything is written."""
-    from stages.cut_channels import cut_stage
+    from stages.cut_channels import cut_graph
     from stages.onnx_convert.passes._graph import real_inputs
 
     path = onnx_corpus.build(case_id, corpus_dir)
@@ -145,7 +147,7 @@ def test_corpus_channel_cut(case_id, corpus_dir, tmp_path):
         assert not (tmp_path / "masks.npz").exists()
         return
     x = np.random.default_rng(0).standard_normal((4, *imported.input_shape)).astype(np.float32)
-    cut = cut_stage(imported.normalized_path, masks.masks_path, tmp_path, images=x)
+    cut = cut_graph(imported.normalized_path, masks.masks_path, tmp_path, images=x)
     assert cut.parity_max_rel <= 1e-4
     assert cut.costs_after["prunable_weights"] < cut.costs_before["prunable_weights"]
     model = onnx.load(str(cut.cut_path))

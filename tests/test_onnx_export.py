@@ -10,12 +10,14 @@ import torch
 from onnx import numpy_helper
 from onnx_corpus import build
 
-import stages.export_onnx as export_mod
 from pipeline.errors import BadInputError
-from stages.compute_masks import compute_masks_stage, load_masks
-from stages.export_onnx import export_onnx, sparse_initializer_bytes
-from stages.import_onnx import import_onnx, load_module
-from stages.onnx_convert import runtime
+from stages.compute_masks import compute_masks_stage
+from stages.export_onnx import export_onnx
+from stages.import_onnx import import_onnx
+from stages.onnx_convert import model_io, runtime
+from stages.onnx_convert.mask_file import load_masks
+from stages.onnx_convert.sparse_storage import sparse_initializer_bytes
+from stages.onnx_convert.to_torch import load_module
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +94,7 @@ def test_masks_are_forced_even_when_the_state_dict_has_values_there(imported, tm
 
 
 def test_large_models_use_external_data(imported, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "_EXTERNAL_DATA_BYTES", 1024)  # stands in for protobuf's 2 GB
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1024)  # stands in for protobuf's 2 GB
     r = export_onnx(imported.normalized_path, None, tmp_path / "big.onnx", provenance={})
     assert r.external_data and (tmp_path / "big.onnx.data").exists()
     x = np.zeros((1, *imported.input_shape), np.float32)

@@ -13,9 +13,9 @@ from onnx import numpy_helper
 from onnx_corpus import IR_VERSION, build
 
 from pipeline.errors import InvalidModelError, UnsupportedOperatorError
-from stages.import_onnx import import_onnx, load_module
+from stages.import_onnx import import_onnx
 from stages.onnx_convert import runtime
-from stages.onnx_convert.to_torch import to_torch
+from stages.onnx_convert.to_torch import load_module, to_torch
 
 
 @pytest.fixture(scope="session")

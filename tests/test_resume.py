@@ -19,7 +19,9 @@ import pytest
 
 from flows.compress import force_compress
 from pipeline.config import ConfigView, UndeclaredFieldError, make_config
-from stages.run_all import STAGE_FIELDS, run_fingerprint, stage_key
+from stages.run.calls import StageCall, stage_key
+from stages.run.checks import run_fingerprint
+from stages.run.order import BY_NAME, STAGES
 
 # Small, but with enough training (4 epochs of 26 batches) for a kill to land between two checkpoints.
 ARGS = ["--sparsity", "0.9", "--epochs", "4", "--steps", "2", "--mask-batch-size", "64", "--batch-size", "64",
@@ -119,7 +121,7 @@ def test_a_finished_run_drops_its_checkpoint(first_run):
 
 def test_a_stage_reading_an_undeclared_field_fails(tiny_at_init):
     config = make_config(model=tiny_at_init)
-    view = ConfigView(config, STAGE_FIELDS["export"])
+    view = ConfigView(config, BY_NAME["export"].reads)
     assert view.storage == "dense" and view.density == pytest.approx(0.1)  # declared, and derived from declared
     with pytest.raises(UndeclaredFieldError, match="config.epochs is read but not declared"):
         view.epochs  # noqa: B018
@@ -130,8 +132,6 @@ def test_a_stage_reading_an_undeclared_field_fails(tiny_at_init):
 
 
 def test_keys_follow_the_declared_fields_only(tiny_at_init, tmp_path):
-    from stages.run_all import Stage, masks_stage
-
     base = make_config(model=tiny_at_init)
     changed = base.model_copy(update={"storage": "sparse", "min_accuracy": 0.9, "max_drop": 0.1, "name": "x",
                                       "quantize": "int8", "registry": "elsewhere", "keep_checkpoint": True})
@@ -140,13 +140,13 @@ def test_keys_follow_the_declared_fields_only(tiny_at_init, tmp_path):
     assert run_fingerprint(base.model_copy(update={"parity_tol": 1e-3})) == run_fingerprint(base)  # a check only
 
     def key(config, stage="masks"):
-        return stage_key(Stage(stage, masks_stage, {"run_dir": str(tmp_path),
-                                                    "config": ConfigView(config, STAGE_FIELDS[stage])}))
+        return stage_key(StageCall(BY_NAME[stage], {"run_dir": str(tmp_path),
+                                                    "config": ConfigView(config, BY_NAME[stage].reads)}))
 
     assert key(changed) == key(base)
     assert key(base.model_copy(update={"sparsity": 0.5})) != key(base)
     assert key(changed, "export") != key(base, "export")
-    assert all("keep_checkpoint" not in fields for fields in STAGE_FIELDS.values())
+    assert all("keep_checkpoint" not in s.reads for s in STAGES if s.reads is not None)
 
 
 # --- the same through the Prefect flow ------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_model_costs_count_resnet18_macs_and_parameters(tmp_path):
 def test_paired_latency_gives_a_ratio_with_its_spread(tmp_path, to_onnx):
     import torch.nn as nn
 
-    from stages.latency import paired_latency, ratio_verdict
+    from stages.measure.latency import paired_latency, ratio_verdict
     from stages.onnx_convert import runtime
 
     small = to_onnx(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tmp_path / "small.onnx")

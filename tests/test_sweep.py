@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import BadInputError
-from stages.sweep import (
+from stages.run.sweep import (
     Cell,
     SweepResult,
     choose,

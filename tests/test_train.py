@@ -17,7 +17,7 @@ import torch.nn as nn
 from pipeline.config import make_config
 from pipeline.data import DataSplits, TensorImageDataset, load_data
 from pipeline.errors import BadInputError
-from stages.sparse_train import TrainResult, train_module
+from stages.sparse_train.training import TrainResult, train_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import tiny_cnn, random_masks, small_splits, cfg
-from stages.sparse_train import train_module
+from stages.sparse_train.training import train_module
 model = tiny_cnn(bn=False)
 res = train_module(model, random_masks(model, 0.25), small_splits(augment=False), cfg(epochs=2, lr=0.05),
                    sys.argv[1], progress=False)

@@ -11,9 +11,11 @@ import torch.nn as nn
 from pipeline.config import make_config
 from pipeline.data import load_data, mask_batches
 from pipeline.errors import DataError
-from stages.compute_masks import compute_masks_stage, load_masks
-from stages.import_onnx import import_onnx, load_module
-from stages.sparse_train import model_io, sparse_train
+from stages.compute_masks import compute_masks_stage
+from stages.import_onnx import import_onnx
+from stages.onnx_convert.mask_file import load_masks
+from stages.onnx_convert.to_torch import load_module
+from stages.sparse_train.training import model_io, sparse_train
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.onnx's legacy exporter
 

@@ -13,8 +13,9 @@ import torch
 from onnx import numpy_helper
 
 from pipeline.config import make_config
+from stages.measure.report import ORT_DENSE_SPEED, load_report
 from stages.onnx_convert.sparsity import file_sparsity
-from stages.validate import ORT_DENSE_SPEED, load_report, validate
+from stages.validate import validate
 
 
 def _pruned(module, sparsity: float):
@@ -122,7 +123,7 @@ def test_prunable_weights_are_matmul_gemm_conv_operands_in_subgraphs_too():
 
 
 def test_sparsity_of_a_file_with_sparse_initializers_equals_its_dense_form(pruned_half):
-    from stages.export_onnx import to_sparse_initializers
+    from stages.onnx_convert.sparse_storage import to_sparse_initializers
 
     dense = onnx.load(pruned_half[1])
     for t in dense.graph.initializer:  # zero most of the Gemm weight so it is stored sparse

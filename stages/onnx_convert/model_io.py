@@ -10,9 +10,32 @@ from google.protobuf.message import DecodeError
 
 from pipeline.errors import InvalidModelError
 
-# onnxruntime 1.31 reads IR versions up to 13 while onnx 1.23 writes 14 by default: every model we
-# build ourselves sets this, and a model we rewrite keeps the IR version of its source.
-IR_VERSION_FOR_NEW_MODELS = 10
+# Protobuf cannot hold a message over 2 GB; below this size (headroom for the graph beside the weights) a model is
+# serialised whole, above it its weights go to an external-data file. The one threshold every reader and writer uses.
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() < PROTOBUF_LIMIT
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, final_name: str | None = None) -> None:
+    """Write `model` to `path`; a model too big for protobuf keeps its weights in `<final_name>.data` beside it
+    (`final_name`: the file's name once renamed into place, default `path`'s)."""
+    path = Path(path)
+    if fits_in_protobuf(model):
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{final_name or path.name}.data", size_threshold=1024)
+
+
+def load_model(path: str | os.PathLike, *, external_data: bool = True) -> onnx.ModelProto:
+    """`onnx.load` with one InvalidModelError for a file that is not a readable model (no checker run)."""
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as e:  # onnx raises DecodeError, OSError, ValueError… for a bad file
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
 def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
@@ -31,7 +54,7 @@ def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph nodes or no opset); is this the right file?")
     try:
         # full_check runs shape inference too; a model over 2 GB must be checked by path
-        if model.ByteSize() < 2**31 - 1:
+        if fits_in_protobuf(model):
             onnx.checker.check_model(model, full_check=False)
         else:
             onnx.checker.check_model(str(path))

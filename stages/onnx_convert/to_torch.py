@@ -9,6 +9,7 @@ is one tensor (a real tie), addressed by a readable name instead of `onnx_initia
 
 from __future__ import annotations
 
+import os
 import re
 
 import onnx
@@ -94,6 +95,12 @@ def to_torch(model: onnx.ModelProto) -> tuple[fx.GraphModule, ParamMap]:
     param_map = _make_trainable(gm, model)
     gm.train()
     return gm, param_map
+
+
+def load_module(normalized_path: str | os.PathLike) -> tuple[nn.Module, ParamMap]:
+    """Rebuild the trainable module (train mode) and its ParamMap from `normalized.onnx`; the same file
+    always gives the same names and values."""
+    return to_torch(onnx.load(str(normalized_path), load_external_data=True))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,11 +9,7 @@ import time
 
 import numpy as np
 
-
-def fixed_batch(session) -> int | None:
-    """The batch size a session's input hard-codes, or None when it is dynamic."""
-    d0 = session.get_inputs()[0].shape[0]
-    return d0 if isinstance(d0, int) and d0 > 0 else None
+from stages.onnx_convert.scoring import fixed_batch
 
 
 def paired_latency(a, b, input_shape: tuple, *, batch: int = 1, runs: int = 30, budget_s: float = 6.0,

@@ -8,7 +8,7 @@ params, the report's figures as metrics (the manifest's `figures` and each form'
 files (report, masks, manifest, extra forms) as artifacts, model.onnx in MLflow's onnx flavour, and last, a
 registered model version `NAME/N` tagged with method, structure, sparsity, top1 and content_hash.
 
-The same content (stages.publish.version_content) is never registered twice: a version whose content_hash tag
+The same content (stages.publish.manifest.version_content) is never registered twice: a version whose content_hash tag
 matches is returned instead. The model version is created last, so one that exists is complete; anything created
 before a failure is deleted again where the store still answers, and the failure is an EnvironmentProblem (exit 3).
 """
@@ -24,9 +24,14 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline.artifacts import check_writable_dir
 from pipeline.config import CompressConfig
 from pipeline.errors import BadInputError, EnvironmentProblem
-from stages.publish import MODEL_FILE, PublishResult, VersionContent, artifact_records, build_manifest
+from stages.onnx_convert.model_io import fits_in_protobuf
+from stages.publish.manifest import MODEL_FILE, PublishResult, VersionContent, artifact_records, build_manifest
+from stages.publish.targets import Target, register_target
+
+PREFIX = "mlflow:"
 
 EXPERIMENT = "force-compress"
 ARTIFACTS_DIR = "mlartifacts"  # beside a sqlite database: where its experiment keeps artifacts
@@ -69,8 +74,6 @@ def check_mlflow_registry(uri: str) -> None:
     EnvironmentProblem (exit 3) for a tracking server that does not answer. Creates nothing."""
     kind, database = parse_uri(uri)
     if kind == "sqlite":
-        from stages.run_all import check_writable_dir
-
         check_writable_dir(database.absolute().parent, "registry")
         if database.exists():
             _check_sqlite_file(database)
@@ -151,7 +154,7 @@ def _register(client, uri: str, experiment_id: str, name: str, content: VersionC
         for dest, src in content.files.items():
             shutil.copyfile(src, staging / dest)
         manifest = build_manifest(config, report, name, None, content, staging)  # the version number comes last
-        manifest["registry"] = f"mlflow:{uri}"
+        manifest["registry"] = f"{PREFIX}{uri}"
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         model = onnx.load(str(staging / MODEL_FILE))
         (staging / MODEL_FILE).unlink()  # it goes in the onnx flavour, not twice
@@ -161,7 +164,7 @@ def _register(client, uri: str, experiment_id: str, name: str, content: VersionC
         info = mlflow.onnx.log_model(
             model, name="model", signature=_signature(model),
             # one file, as exported (external data only where protobuf's 2 GB limit forces it)
-            save_as_external_data=model.ByteSize() > 2**31 - 2**26,
+            save_as_external_data=not fits_in_protobuf(model),
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # not inferred: that loads the model
             metadata={"content_hash": content.content_hash, "preprocessing": manifest["preprocessing"],
                       "labels": manifest["labels"]})
@@ -356,3 +359,6 @@ def _reason(e: BaseException) -> str:
     if "Read timed out" in text or "timed out" in text:
         return "timed out"
     return f"{type(e).__name__}: {text[:160]}"
+
+
+register_target(Target("mlflow", PREFIX, check_mlflow_registry, publish_to_mlflow))

@@ -1,8 +1,8 @@
-"""Stage: train the pruned network with its masks held exactly (SGD+momentum or AdamW), resumable, optionally DDP.
+"""Train the pruned network with its masks held exactly (SGD+momentum or AdamW), resumable, optionally DDP.
 
 `train_module` is the loop itself and works on any nn.Module with a mapping of boolean masks keyed by parameter
-name; `sparse_train` is the stage: it rebuilds the module from the normalized ONNX file, loads the masks and the
-data, and calls it. Under torchrun (`--nproc N`: stages/train_worker.py launches it) each rank takes half, a third…
+name; `sparse_train` rebuilds the module from the normalized ONNX file, loads the masks and the data, and calls
+it. Under torchrun (`--nproc N`: stages/sparse_train/worker.py launches it) each rank takes half, a third…
 of every global batch, so with no BatchNorm and no augmentation the result equals one process's within float
 rounding. BatchNorm under DDP: on CUDA the BatchNorms become SyncBatchNorm (statistics of the global batch, as one
 process); on CPU torch's SyncBatchNorm refuses to run (it needs GPU tensors, torch 2.14), so each rank normalises
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -31,17 +32,20 @@ import torch.nn.functional as F
 
 from force_core import MaskEnforcer, TrainNorm, add_train_norm, fold_train_norm
 from force_core.train_norm import FeatureBatchNorm
-from pipeline.artifacts import atomic_path, write_json_atomic
+from pipeline.artifacts import RunFiles, atomic_path, write_json_atomic
 from pipeline.config import CompressConfig
-from pipeline.data import DataSplits, TensorImageDataset, load_data, make_loader
+from pipeline.data import DataSplits, TensorImageDataset, augmented, load_data, make_loader
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, DataError
 from pipeline.plotting import drawn_alone
+from stages.onnx_convert.mask_file import load_masks
+from stages.onnx_convert.scoring import classifier_io
+from stages.onnx_convert.to_torch import load_module
 
-CHECKPOINT = "checkpoint.pt"
-TRAINED = "trained.pt"
-HISTORY = "history.json"
-CURVE = "train_curve.png"
+CHECKPOINT = RunFiles.CHECKPOINT
+TRAINED = RunFiles.TRAINED
+HISTORY = RunFiles.HISTORY
+CURVE = RunFiles.CURVE
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,14 @@ class TrainResult:
     world_size: int
     seconds: float
     train_norm_layers: tuple[str, ...] = ()  # initializer names of the weights that trained with a BatchNorm
+
+    def describe(self) -> str:
+        norm = f", train-time BatchNorm on {len(self.train_norm_layers)} fused layer(s)" if self.train_norm_layers \
+            else ""
+        resumed = f" (resumed from epoch {self.resumed_from_epoch})" if self.resumed_from_epoch else ""
+        world = f" on {self.world_size} processes" if self.world_size > 1 else ""
+        return (f"{self.epochs} epoch(s){resumed}{world}, train acc {self.train_acc:.4f}, val acc {self.val_acc:.4f}, "
+                f"{self.images_per_s:.0f} img/s{norm}")
 
 
 # ------------------------------------------------------------------------------------------ masks held
@@ -460,36 +472,10 @@ def train_module(
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def model_io(normalized_path: str | os.PathLike, image_size: tuple[int, int] | None = None,
-             module: nn.Module | None = None) -> tuple[tuple[int, int, int], int]:
-    """((C, H, W), num_classes) of an ONNX classifier; dynamic H/W come from `image_size`, a dynamic class count
-    from one forward pass of `module`."""
-    import onnx
-
-    m = onnx.load(str(normalized_path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    inp = next(i for i in m.graph.input if i.name not in inits)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    if len(dims) != 4:
-        raise DataError(f"model input {inp.name!r} has shape {dims}; expected (N, C, H, W) images")
-    c, h, w = dims[1:]
-    if c is None:
-        raise DataError(f"model input {inp.name!r} has a dynamic channel count; cannot map images to it")
-    if h is None or w is None:
-        if image_size is None:
-            raise DataError(f"model input {inp.name!r} has dynamic H/W {dims[2:]}; set image_size (H W)")
-        h, w = (int(v) for v in image_size)
-    out_dims = [d.dim_value if d.HasField("dim_value") else None for d in m.graph.output[0].type.tensor_type.shape.dim]
-    num_classes = out_dims[-1] if out_dims and out_dims[-1] else None
-    if num_classes is None:
-        if module is None:
-            raise DataError("the model's class count is dynamic; cannot check labels against it")
-        with torch.no_grad():
-            was = module.training
-            module.eval()
-            num_classes = int(module(torch.zeros(1, c, h, w)).shape[-1])
-            module.train(was)
-    return (int(c), int(h), int(w)), int(num_classes)
+def model_io(normalized_path: str | os.PathLike, image_size: tuple[int, int] | None = None) -> tuple[tuple, int]:
+    """((C, H, W), num_classes) of an ONNX classifier (stages.onnx_convert.scoring.classifier_io)."""
+    _, shape, num_classes = classifier_io(onnx.load(str(normalized_path)), image_size)
+    return shape, num_classes
 
 
 def sparse_train(
@@ -500,24 +486,26 @@ def sparse_train(
     *,
     progress: bool = True,
     max_epochs_this_call: int | None = None,
+    data: DataSplits | None = None,
 ) -> TrainResult:
-    """Stage: rebuild the module from `normalized_path` (ONNX import's deterministic re-conversion), load the
-    masks, load `config.data` shaped for the model's input, train, write run_dir/trained.pt."""
-    from stages.compute_masks import load_masks
-    from stages.import_onnx import load_module
-
+    """Rebuild the module from `normalized_path` (ONNX import's deterministic re-conversion), load the masks, train
+    on `data` (the run's opened data, augmented here as `config.augment` says; None: `config.data` is loaded, as a
+    worker process of a data-parallel run does), write run_dir/trained.pt."""
     module, param_map = load_module(normalized_path)
     maskset = load_masks(masks_path, param_map)
-    shape, num_classes = model_io(normalized_path, config.image_size, module)
+    shape, num_classes = model_io(normalized_path, config.image_size)
     norms = add_train_norm(module) if config.train_norm else []
-    splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                       seed=config.seed, augment=config.augment)
+    if data is None:
+        splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
+                           seed=config.seed, augment=config.augment)
+    else:
+        splits = augmented(data, config.augment)
     result = train_module(module, maskset, splits, config, run_dir, progress=progress,
                           max_epochs_this_call=max_epochs_this_call, train_norms=norms)
     layers = tuple(param_map.to_initializer(f"{n.layer}.weight") for n in norms)
     result = dataclasses.replace(result, train_norm_layers=layers)
     if int(os.environ.get("RANK", 0)) == 0:
-        write_json_atomic(Path(run_dir) / "train_result.json",
+        write_json_atomic(Path(run_dir) / RunFiles.TRAIN_RESULT,
                           {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
                            "data": splits.source, "mean": splits.mean, "std": splits.std})
     return result

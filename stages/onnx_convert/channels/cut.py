@@ -13,7 +13,8 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from stages.onnx_convert.channel_deps import ChannelAnalysis, ChannelGroup, Plan, analyze
+from stages.onnx_convert.channels.analyze import analyze
+from stages.onnx_convert.channels.model import ChannelAnalysis, GraphChannelGroup, Plan
 from stages.onnx_convert.passes._graph import fresh_name
 
 __all__ = ["cut_channels", "mask_channels"]
@@ -36,7 +37,7 @@ def _checked_keep(analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray]) -> 
     return out
 
 
-def _entries(g: ChannelGroup, s, channels: np.ndarray) -> np.ndarray:
+def _entries(g: GraphChannelGroup, s, channels: np.ndarray) -> np.ndarray:
     """Indices along `s.axis` of the given channels of group `g` under slice `s`."""
     return (s.offset + channels[:, None] * s.block + np.arange(s.block)[None, :]).reshape(-1)
 
@@ -45,7 +46,7 @@ def _dims(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
 
 
-def _check_slice(g: ChannelGroup, s, dims: Mapping[str, tuple[int, ...]]) -> None:
+def _check_slice(g: GraphChannelGroup, s, dims: Mapping[str, tuple[int, ...]]) -> None:
     shape = dims.get(s.initializer)
     if shape is None or not 0 <= s.axis < len(shape) or s.offset + g.size * s.block > shape[s.axis]:
         raise ValueError(f"channel group {g.name!r}: slice {s} does not fit initializer {s.initializer!r} "
@@ -93,17 +94,23 @@ def _kept_entries(analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray],
     return masks
 
 
-def cut_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def cut_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray], *,
+                 plan: Plan | None = None) -> onnx.ModelProto:
     """A new model without the pruned channels: weights, biases, norm parameters and statistics sliced, the
     `group` of depthwise convolutions and the Reshape targets that spell out a channel count follow; every
     other node, the inputs, outputs, opset and metadata are as they were. `analysis` may hold a subset of the
-    model's groups (the others keep all their channels)."""
+    model's groups (the others keep all their channels). `plan`: `analyze(model)` when already computed (its
+    `.analysis` is what `analyze_channels` returns), so that the graph is not analysed again; without it the
+    model is analysed here."""
     keep = _checked_keep(analysis, keep)
-    plan = analyze(model)
+    given = plan is not None
+    if plan is None:
+        plan = analyze(model)
     mine = {g.name: g for g in plan.analysis.groups}
     for g in analysis.groups:
         if mine.get(g.name) != g:
-            raise ValueError(f"channel group {g.name!r} is not a group of this model as analysed now; "
+            where = "the plan given" if given else "this model as analysed now"
+            raise ValueError(f"channel group {g.name!r} is not a group of {where}; "
                              "run analyze_channels on the model you cut")
     dims = _dims(model)
     masks = _kept_entries(analysis, keep, dims)

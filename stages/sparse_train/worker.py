@@ -1,8 +1,9 @@
 """The sparse-train stage on several processes: `sparse_train_processes` (the parent: launches torchrun in its own
 process group, forwards rank 0's lines, reads the TrainResult back) and `main`, the worker entry point that torchrun
-runs in each process (`python -m stages.train_worker RUN_DIR`), which calls `sparse_train` with the parent's inputs.
+runs in each process (`python -m stages.sparse_train.worker RUN_DIR`; the launch names this module by its own
+`__name__`, so a rename cannot leave a stale string behind), which calls `sparse_train` with the parent's inputs.
 
-Imports pipeline and stages.sparse_train only (no prefect, no click, no flows).
+Imports pipeline and stages.sparse_train.training only (no prefect, no click, no flows).
 """
 
 from __future__ import annotations
@@ -10,29 +11,37 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from pipeline import errors
 from pipeline.artifacts import write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig, ConfigView, make_config
+from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ForceCompressError
+from stages.sparse_train.training import sparse_train
 
 REQUEST = "train_request.json"  # the parent's inputs for the workers: graph, masks, the config fields the stage reads
 RESULT = "train_result.pkl"  # rank 0's TrainResult, pickled, read back by the parent
 LOG_DIR = "train_logs"  # torchrun's per-rank stdout/stderr of the last launch (--tee), beside the run's files
 ERROR_MARK = "force-compress worker error: "  # a worker's ForceCompressError, as one JSON line on stderr
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project root: the workers import this package from it
 _TEE = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")  # torchrun --tee prefixes each worker line with [<role><local rank>]:
 _KEEP_LINES = 12
 _LAUNCHER_PID = "FORCE_COMPRESS_TORCHRUN_PID"  # the torchrun a launch started: its workers die with it
+WORKER_MODULE = __spec__.name  # what torchrun runs in each process: this module, by the name it was imported under
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -43,11 +52,7 @@ def check_nproc(nproc: int, device: str) -> None:
     processes than cores is allowed (gloo), with a warning."""
     if nproc <= 1:
         return
-    from pipeline.devices import resolve_device
-
     if resolve_device(device).type == "cuda":
-        import torch
-
         gpus = torch.cuda.device_count()
         if nproc > gpus:
             raise BadInputError(f"--nproc {nproc} asks for {nproc} training processes on CUDA, one per GPU, but "
@@ -90,8 +95,6 @@ def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str |
     result_path, log_dir = run_dir_path / RESULT, run_dir_path / LOG_DIR
     result_path.unlink(missing_ok=True)
     if log_dir.exists():
-        import shutil
-
         shutil.rmtree(log_dir, ignore_errors=True)
     if isinstance(config, ConfigView):
         values, fields = config.values(), sorted(config.declared_fields)
@@ -112,7 +115,7 @@ def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str |
             f"os.environ['{_LAUNCHER_PID}'] = str(os.getpid())\n"
             "os.execv(sys.executable, [sys.executable, '-m', 'torch.distributed.run', *sys.argv[2:]])\n")
     cmd = [sys.executable, "-c", shim, str(os.getpid()), *rendezvous, "--nproc-per-node", str(nproc),
-           "--tee", "3", "--log-dir", str(log_dir), "-m", "stages.train_worker", str(run_dir)]
+           "--tee", "3", "--log-dir", str(log_dir), "-m", WORKER_MODULE, str(run_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             text=True, errors="replace", bufsize=1, start_new_session=True, env=_child_env(nproc))
     worker_lines: collections.deque = collections.deque(maxlen=_KEEP_LINES)
@@ -228,9 +231,6 @@ def _config(request: dict) -> CompressConfig | ConfigView:
 def _share_request(request: dict | None) -> dict | None:
     """Across nodes: every process gets the request of the first process that has one (the node whose parent
     launched torchrun with the run directory; the other nodes may start the worker without it)."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():  # gloo carries the request (and CPU tensors), NCCL the CUDA tensors
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     gathered: list = [None] * dist.get_world_size()
@@ -245,18 +245,16 @@ def _die_with_parent() -> None:
     if launcher is None:
         return
     with contextlib.suppress(AttributeError, OSError):
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != int(launcher):
         os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.train_worker [RUN_DIR]` under torchrun: one process of the data-parallel sparse-train
+    """`python -m stages.sparse_train.worker [RUN_DIR]` under torchrun: one process of the data-parallel sparse-train
     stage. Reads RUN_DIR/train_request.json (written by the parent), trains (rank 0 writes trained.pt and
     train_result.pkl). Exit code: 0, or a ForceCompressError's exit code after one marked line on stderr."""
-    parser = argparse.ArgumentParser(prog="python -m stages.train_worker",
+    parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULE}",
                                      description="One process of the data-parallel sparse-train stage (run it under "
                                                  "torchrun).")
     parser.add_argument("run_dir", nargs="?", default=None,
@@ -274,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInputError("no RUN_DIR given to any process of this job; give it on one node at least")
         if request.get("cwd") and Path(request["cwd"]).is_dir():
             os.chdir(request["cwd"])  # the parent's relative paths (runs/…) mean the same here
-        from stages.sparse_train import sparse_train
-
         result = sparse_train(request["normalized_path"], request["masks_path"], _config(request),
                               request["run_dir"], progress=rank == 0)
         if rank == 0:
@@ -285,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return e.exit_code
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():  # the group _share_request started
             dist.destroy_process_group()
     return 0

@@ -14,11 +14,14 @@ import numpy as np
 import onnx
 
 from pipeline.artifacts import atomic_path, sha256_file
-from stages.latency import interleaved_latency
+from stages.measure.latency import interleaved_latency
+from stages.onnx_convert import runtime
 from stages.onnx_convert.model_io import model_bytes
+from stages.onnx_convert.scoring import accuracy
+from stages.onnx_convert.sparse_storage import to_sparse_initializers
 from stages.onnx_convert.sparsity import file_sparsity
 
-__all__ = ["FORM_LABELS", "Form", "int8_sparse_form", "measure_forms"]
+__all__ = ["FORM_LABELS", "Form", "by_role", "int8_sparse_form", "measure_forms"]
 
 FORM_LABELS = {"input": "input model", "fp32": "dense FP32 (primary)", "compact": "FP32, sparse initializers",
                "int8": "INT8 (QDQ)", "int8_compact": "INT8, sparse initializers"}
@@ -33,14 +36,11 @@ class Form:
 
 def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "cpu", runs: int = 30) -> list[dict]:
     """One record per form (in the order given; the first is the reference of the latency ratios)."""
-    from stages.onnx_convert import runtime
-    from stages.validate import _accuracy, _fixed_batch
-
     sessions = [runtime.session(f.path, device=device) for f in forms]
     records = []
     for form, session in zip(forms, sessions, strict=True):
         model = onnx.load(str(form.path), load_external_data=False)
-        top1, top5 = _accuracy(session, session.get_inputs()[0].name, val, _fixed_batch(model))
+        top1, top5 = accuracy(session, val)
         sparsity = file_sparsity(model)
         data = form.path.read_bytes()
         records.append({"role": form.role, "file": form.path.name, "path": str(form.path),
@@ -58,9 +58,6 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
 def int8_sparse_form(int8_path: Path, out_path: Path, x: np.ndarray) -> tuple[Path | None, str]:
     """The INT8 model with its int8 weights as sparse initializers, kept when smaller and onnxruntime loads it and
     gives the INT8 file's outputs; otherwise (None, why)."""
-    from stages.export_onnx import to_sparse_initializers
-    from stages.onnx_convert import runtime
-
     model = onnx.load(str(int8_path))
     sparse, chosen = to_sparse_initializers(model, dtypes=(onnx.TensorProto.INT8,))
     if not chosen:
@@ -78,3 +75,8 @@ def int8_sparse_form(int8_path: Path, out_path: Path, x: np.ndarray) -> tuple[Pa
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     return out_path, ""
+
+
+def by_role(forms) -> dict[str, dict]:
+    """The measured forms keyed by role ("input", "fp32", ...)."""
+    return {f["role"]: f for f in forms}

@@ -1,6 +1,6 @@
 """A sweep: one compress request per (method, sparsity) cell, a Pareto table and plot, and the sparsest passing
 model published. Imports no flows/prefect/click: the CLI and the flow `force-compress-sweep` pass how to run a
-stage, as they do to `run_all`.
+stage, as they do to `run_all`, and the sweep runs the stages in `run_all`'s order (its baseline: `train_steps`).
 
 Order: the dense baseline is trained first with the cells' training budget (its held-out top-1 is the baseline
 `--max-drop` is measured from, unless `--baseline-accuracy` is given); then each cell runs `run_all` without
@@ -18,26 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pipeline.artifacts import atomic_path, run_dir_for, sha256_json, write_bytes_atomic, write_json_atomic
+from matplotlib.figure import Figure
+
+from pipeline.artifacts import RunFiles, atomic_path, run_dir_for, sha256_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig, make_config
 from pipeline.errors import BadInputError, NetworkCutError
 from pipeline.plotting import drawn_alone
-from stages.run_all import (
-    CHECK_ONLY_FIELDS,
-    STAGE_FIELDS,
-    OnReused,
-    Request,
-    RunStage,
-    Stage,
-    check_request,
-    drop_checkpoint,
-    import_stage,
-    publish_stage,
-    run_all,
-    run_fingerprint,
-    run_step,
-    train_stage,
-)
+from pipeline.stage import Stage
+from stages import compute_masks, import_onnx, publish
+from stages.run.calls import OnReused, RunStage, StageCall
+from stages.run.checks import Request, checked_request, run_fingerprint
+from stages.run.order import Runner, run_all, train_steps
+from stages.sparse_train import stage as sparse_train
 
 DEFAULT_SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 DEFAULT_METHODS = ("force",)
@@ -98,7 +90,7 @@ def plan_sweep(fields: dict, sparsities, methods, jobs: int = 1) -> SweepPlan:
         raise BadInputError(f"--jobs must be at least 1, got {jobs}")
     given = {k: v for k, v in fields.items() if k not in ("sparsity", "method")}
     configs = tuple(make_config(**given, method=m, sparsity=s) for m in methods for s in sparsities)
-    first = check_request(configs[0])  # model, data, registry, devices: the same for every cell, checked once
+    first = checked_request(configs[0])  # model, data, registry, devices: the same for every cell, checked once
     requests = tuple(replace(first, run_dir=str(run_dir_for(c.runs_dir, first.source_sha256, run_fingerprint(c))))
                      for c in configs)
     key = sha256_json({"cells": [r.run_dir for r in requests], "baseline": configs[0].baseline_accuracy,
@@ -110,18 +102,19 @@ def plan_sweep(fields: dict, sparsities, methods, jobs: int = 1) -> SweepPlan:
 # --- the dense baseline ------------------------------------------------------------------------------------
 
 
-def dense_masks_stage(normalized_path: str, run_dir: str):
+def dense_masks(normalized_path: str, run_dir: str, config, data) -> compute_masks.MaskResult:
     """Every weight kept: the dense network trained by the sparse-train stage is the baseline."""
-    from stages.compute_masks import compute_masks_stage
+    return compute_masks.compute_masks_stage(normalized_path, Path(run_dir) / RunFiles.MASKS, method="random",
+                                             density=1.0)
 
-    return compute_masks_stage(normalized_path, Path(run_dir) / "masks.npz", method="random", density=1.0)
+
+DENSE_MASKS = Stage("masks", dense_masks, reads=frozenset(), outputs=(RunFiles.MASKS,))
+BASELINE_STAGES = (import_onnx.STAGE, sparse_train.STAGE)
 
 
 def baseline_run_dir(config: CompressConfig, request: Request) -> Path:
     """Keyed on the model and the fields of import and training: every sweep with the same recipe shares it."""
-    fields = (STAGE_FIELDS["import"] | STAGE_FIELDS["sparse-train"]) - CHECK_ONLY_FIELDS
-    return run_dir_for(config.runs_dir, request.source_sha256,
-                       {"dense": config.model_dump(mode="json", include=set(fields))})
+    return run_dir_for(config.runs_dir, request.source_sha256, {"dense": run_fingerprint(config, BASELINE_STAGES)})
 
 
 def train_baseline(config: CompressConfig, request: Request, run_stage: RunStage,
@@ -130,19 +123,10 @@ def train_baseline(config: CompressConfig, request: Request, run_stage: RunStage
     its held-out top-1 (torch, the split validation scores) is the baseline."""
     run_dir = baseline_run_dir(config, request)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rd = str(run_dir)
-
-    def step(name, fn, outputs, **kwargs):
-        return run_step(name, fn, rd, config, run_stage, on_reused, outputs=outputs, **kwargs)[0]
-
-    imported = step("import", import_stage, [run_dir / "normalized.onnx"], model_path=request.model_path,
-                    run_dir=rd, config=config)
-    masks = step("masks", dense_masks_stage, [run_dir / "masks.npz"], normalized_path=str(imported.normalized_path),
-                 run_dir=rd)
-    trained = step("sparse-train", train_stage, [run_dir / "trained.pt"], normalized_path=str(imported.normalized_path),
-                   masks_path=str(masks.masks_path), run_dir=rd, config=config)
-    drop_checkpoint(trained, config)
-    return {"top1": trained.val_acc, "run_dir": rd, "epochs": trained.epochs, "source": "dense training, same recipe"}
+    step = Runner(config.model_copy(update={"cut_check": False}), run_stage, str(run_dir), on_reused)
+    trained = train_steps(step, request, masks_stage=DENSE_MASKS, cut=False).trained
+    return {"top1": trained.val_acc, "run_dir": str(run_dir), "epochs": trained.epochs,
+            "source": "dense training, same recipe"}
 
 
 # --- cells, the frontier, the choice ---------------------------------------------------------------------
@@ -249,9 +233,13 @@ def run_sweep(plan: SweepPlan, run_stage: RunStage, *, on_reused: OnReused | Non
     seconds = {"baseline": round(time.perf_counter() - t0, 2)}
     configs = [c.model_copy(update={"baseline_accuracy": baseline["top1"]}) for c in plan.configs]
 
+    reports: dict[int, object] = {}  # each measured cell's ValidationReport, for the publish of the chosen one
+
     def one(i: int) -> Cell:
         try:
-            summary = run_all(configs[i], run_stage, request=plan.requests[i], on_reused=on_reused, publish=False)
+            summary = run_all(configs[i], run_stage, request=plan.requests[i], on_reused=on_reused,
+                              publish_result=False)
+            reports[i] = summary.report
             cell = _cell({**summary.to_dict(), "method": configs[i].method}, baseline["top1"])
         except NetworkCutError as e:
             cell = _cut_cell(configs[i], plan.requests[i].run_dir, e)
@@ -281,13 +269,9 @@ def run_sweep(plan: SweepPlan, run_stage: RunStage, *, on_reused: OnReused | Non
     write_pareto_plot(result, result.plot_png)
     published = None
     if chosen is not None:
-        from stages.validate import load_report
-
         cell, config = cells[chosen], configs[chosen]
-        report = load_report(Path(cell.run_dir) / "report.json")
-        stage = Stage("publish", publish_stage, {"run_dir": cell.run_dir, "report": report, "config": config,
-                                                 "masks_path": str(Path(cell.run_dir) / "masks.npz")}, cache=False)
-        p = run_stage(stage)
+        p = run_stage(StageCall(publish.STAGE, {"run_dir": cell.run_dir, "report": reports[chosen], "config": config,
+                                                "masks_path": str(Path(cell.run_dir) / RunFiles.MASKS)}))
         published = {"name": p.name, "version": p.version, "path": p.path, "created": p.created}
     seconds["total"] = round(time.perf_counter() - t0, 2)
     result = replace(result, published=published, seconds=seconds)
@@ -350,8 +334,6 @@ def table_markdown(result: SweepResult, plot_beside: bool = True) -> str:
 @drawn_alone
 def write_pareto_plot(result: SweepResult, path: str | Path) -> None:
     """Top-1 against the smallest file and against p50 latency at batch 32, one point per cell, frontier drawn."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     cells = [c for c in result.cells if c.size is not None]  # a cut cell has no file to place

@@ -1,0 +1,88 @@
+"""The gate: each condition a compressed model must meet to be published, with whether it passed and, when not,
+by how much it missed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stages.measure.forms import FORM_LABELS, by_role
+from stages.onnx_convert.sparsity import FileSparsity
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    passed: bool
+    message: str
+
+
+def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float) -> list[GateCheck]:
+    """Each condition of the gate with whether it passed and, when not, by how much it missed."""
+    checks = [
+        GateCheck(
+            "min_accuracy",
+            top1 >= config.min_accuracy,
+            f"top-1 accuracy {top1:.4f} vs minimum {config.min_accuracy:.4f}"
+            + ("" if top1 >= config.min_accuracy else f" (short by {config.min_accuracy - top1:.4f})"),
+        )
+    ]
+    if config.baseline_accuracy is not None and config.max_drop is not None:
+        drop = config.baseline_accuracy - top1
+        ok = drop <= config.max_drop + 1e-12
+        checks.append(GateCheck(
+            "max_drop", ok,
+            f"accuracy drop {drop:.4f} from baseline {config.baseline_accuracy:.4f} vs allowed {config.max_drop:.4f}"
+            + ("" if ok else f" (over by {drop - config.max_drop:.4f})"),
+        ))
+    # "Within one weight": exact top-k keeps round(density * total), which may sit one weight short.
+    wanted = config.sparsity * sparsity.prunable_total
+    ok = sparsity.prunable_total > 0 and sparsity.prunable_zeros + 1 >= wanted
+    checks.append(GateCheck(
+        "sparsity", ok,
+        f"sparsity {sparsity.sparsity:.4f} ({sparsity.prunable_zeros}/{sparsity.prunable_total} prunable weights zero)"
+        f" vs target {config.sparsity:.4f}"
+        + ("" if ok else f" (short by {math.ceil(wanted - 1 - sparsity.prunable_zeros)} weights)"),
+    ))
+    ok = parity_rel <= config.parity_tol  # False for NaN
+    if not math.isfinite(parity_rel):
+        message = "torch/onnxruntime outputs are not finite (NaN or inf: did training diverge?)"
+    else:
+        message = (f"torch/onnxruntime relative difference {parity_rel:.2e} vs tolerance {config.parity_tol:.0e}"
+                   + ("" if ok else f" (over by {parity_rel / config.parity_tol:.1f}x)"))
+    checks.append(GateCheck("parity", ok, message))
+    return checks
+
+
+def form_checks(config, forms: list[dict]) -> list[GateCheck]:
+    """The gate for the forms beside the primary file: each reaches the minimum accuracy; the INT8 file keeps every
+    pruned weight at exactly 0 and, with --max-drop, loses at most that much against the FP32 export."""
+    roles = by_role(forms)
+    fp32, checks = roles["fp32"], []
+    for f in forms:
+        if f["role"] in ("input", "fp32"):
+            continue
+        label = FORM_LABELS[f["role"]]
+        ok = f["top1"] >= config.min_accuracy
+        checks.append(GateCheck(f"min_accuracy_{f['role']}", ok,
+                                f"{label}: top-1 {f['top1']:.4f} vs minimum {config.min_accuracy:.4f}"
+                                + ("" if ok else f" (short by {config.min_accuracy - f['top1']:.4f})")))
+    int8 = roles.get("int8")
+    if int8 is not None:
+        lost = fp32["prunable_zeros"] - int8["prunable_zeros"]
+        ok = int8["prunable_total"] == fp32["prunable_total"] and lost <= 0
+        more = -lost if lost < 0 else 0
+        checks.append(GateCheck("int8_sparsity", ok,
+                                f"INT8 prunable weights at zero: {int8['prunable_zeros']:,} of "
+                                f"{int8['prunable_total']:,} vs FP32 {fp32['prunable_zeros']:,} of "
+                                f"{fp32['prunable_total']:,}"
+                                + (f" ({more:,} more rounded to 0)" if ok and more else "")
+                                + ("" if ok else " (pruned weights lost their zero)")))
+        if config.max_drop is not None:
+            drop = fp32["top1"] - int8["top1"]
+            ok = drop <= config.max_drop + 1e-12
+            checks.append(GateCheck("int8_max_drop", ok,
+                                    f"INT8 drop {drop:.4f} from the FP32 export's {fp32['top1']:.4f} vs allowed "
+                                    f"{config.max_drop:.4f}"
+                                    + ("" if ok else f" (over by {drop - config.max_drop:.4f})")))
+    return checks

@@ -1,0 +1,187 @@
+"""The state of one walk over the graph (`ChannelBuilder`): the facts about tensors a handler reads (layouts,
+constants, shapes from ONNX shape inference) and what it records (slices, unions, blocked sets, Reshape and
+depthwise `group` fixes); plus the small node helpers the handlers share.
+
+Imports onnx and numpy only; never torch, force_core, flows, prefect or click.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from stages.onnx_convert.channels.model import Blocked, ChannelLayout, ChannelSegment, GroupFix, TensorSlice
+from stages.onnx_convert.channels.sets import ChannelSets
+from stages.onnx_convert.passes._graph import FLOAT_TYPES, constant_value
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+class ChannelBuilder:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.output}
+        self.producers = {o: n for n in self.graph.node for o in n.output if o}
+        self.uses: dict[str, list[tuple[int, int]]] = {}
+        for k, node in enumerate(self.graph.node):
+            for i, name in enumerate(node.input):
+                if name:
+                    self.uses.setdefault(name, []).append((k, i))
+        self.shapes = infer_shapes(model)
+        self.sets = ChannelSets()
+        self.layouts: dict[str, ChannelLayout] = {}
+        self.slices: list[tuple[int, TensorSlice, int]] = []  # (set, slice, node index)
+        self.blocked_sets: set[int] = set()
+        self.blocked: list[Blocked] = []
+        self.reshapes: list[tuple[int, int, ChannelLayout]] = []
+        self.group_fixes: list[GroupFix] = []
+        self.index = -1  # the node being handled
+        self._const_cache: dict[str, np.ndarray | None] = {}
+
+    # --- facts about tensors ----------------------------------------------------------------------------------
+    def layout(self, name: str) -> ChannelLayout | None:
+        return self.layouts.get(name) if name else None
+
+    def set_layout(self, name: str, layout: ChannelLayout | None) -> None:
+        if name and layout is not None:
+            self.layouts[name] = layout
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.inits or name in self.constants
+
+    def float_initializer_dims(self, name: str) -> tuple[int, ...] | None:
+        t = self.inits.get(name)
+        return tuple(int(d) for d in t.dims) if t is not None and t.data_type in FLOAT_TYPES else None
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a small constant (shapes, axes, pads, scales): an initializer or a Constant node."""
+        if not name:
+            return None
+        if name not in self._const_cache:
+            value = None
+            if name in self.inits:
+                t = self.inits[name]
+                if math.prod(t.dims) <= 64:
+                    value = numpy_helper.to_array(t)
+            elif name in self.constants:
+                value = constant_value(self.constants[name])
+            self._const_cache[name] = value
+        return self._const_cache[name]
+
+    def dims(self, name: str) -> tuple[int | str | None, ...] | None:
+        if name in self.inits:
+            return tuple(int(d) for d in self.inits[name].dims)
+        if name in self.constants:
+            v = self.const(name)
+            return None if v is None else tuple(v.shape)
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        d = self.dims(name)
+        return None if d is None else len(d)
+
+    def ints(self, name: str) -> list[int] | None:
+        v = self.const(name)
+        return None if v is None or v.dtype.kind not in "iu" else [int(x) for x in v.reshape(-1)]
+
+    # --- recording --------------------------------------------------------------------------------------------
+    def new_set(self, size: int, node: onnx.NodeProto | None = None) -> int:
+        return self.sets.new(size, self.index if node is not None else None)
+
+    def add_slice(self, set_id: int, tensor_slice: TensorSlice) -> None:
+        self.slices.append((set_id, tensor_slice, self.index))
+
+    def slice_layout(self, layout: ChannelLayout, initializer: str, axis: int, kind: str = "weight",
+                     scale: int = 1) -> None:
+        """Each segment of `layout` owns its stretch of `initializer` along `axis` (`scale` entries per entry)."""
+        offset = 0
+        for s in layout.segs:
+            self.add_slice(s.set, TensorSlice(initializer, axis, offset * scale, s.block * scale, kind))
+            offset += s.size * s.block
+
+    def block(self, layout: ChannelLayout | None, node: onnx.NodeProto, reason: str) -> None:
+        if layout is None:
+            return
+        self.blocked_sets.update(s.set for s in layout.segs)
+        self.note(node, reason)
+
+    def note(self, node: onnx.NodeProto, reason: str) -> None:
+        entry = Blocked(node_name(node), node.op_type, reason)
+        if entry not in self.blocked:
+            self.blocked.append(entry)
+
+    def block_inputs(self, node: onnx.NodeProto, reason: str, inputs: Sequence[str] | None = None) -> None:
+        for name in node.input if inputs is None else inputs:
+            self.block(self.layout(name), node, reason)
+
+    def opaque(self, node: onnx.NodeProto, name: str, axis: int, width: int, reason: str) -> ChannelLayout:
+        """Channels the analysis cannot prune (a grouped Conv's output...): a blocked set, so that whatever
+        they are added to or concatenated with is blocked too, with the reason."""
+        s = self.new_set(width, node)
+        self.blocked_sets.add(s)
+        self.note(node, reason)
+        layout = ChannelLayout(axis, (ChannelSegment(s, width),))
+        self.set_layout(name, layout)
+        return layout
+
+    def unite(self, a: ChannelLayout, b: ChannelLayout) -> bool:
+        """Make the channels of `a` and `b` the same, segment by segment; False when their runs differ."""
+        if [(s.size, s.block) for s in a.segs] != [(s.size, s.block) for s in b.segs]:
+            return False
+        for sa, sb in zip(a.segs, b.segs, strict=True):
+            self.sets.union(sa.set, sb.set)
+        return True
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Shapes of every value shape inference reaches (data propagation on: Reshape targets built from Shape)."""
+    light = model if model.ByteSize() < 2**30 else _without_weights(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference gives up on some graphs; the analysis then blocks what it needs
+        inferred = light
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in tt.shape.dim)
+    return shapes
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with big initializers replaced by empty-data stand-ins of the same shape (inference reads dims)."""
+    light = copy.deepcopy(model)
+    for t in light.graph.initializer:
+        if math.prod(t.dims) > 64:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.data_location = onnx.TensorProto.DEFAULT
+    return light
+
+
+def known(d) -> bool:
+    return isinstance(d, (int, np.integer)) and d > 0
+
+
+def nonneg_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
