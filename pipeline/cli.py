@@ -225,10 +225,10 @@ def _stage_printer(names: tuple[str, ...], labels: dict | None = None):
 
 
 def _prefect_api(wanted: bool):
-    """Prefect's temporary API started while the block checks the input (flows.serving.prefect_api_starting)."""
+    """Prefect's temporary API started while the block checks the input (flows.api.prefect_api_starting)."""
     if not wanted:
         return contextlib.nullcontext()
-    from flows.serving import prefect_api_starting
+    from flows.api import prefect_api_starting
 
     return prefect_api_starting()
 

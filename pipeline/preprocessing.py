@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from pipeline.errors import BadInputError, DataError
 if TYPE_CHECKING:  # pipeline.data (torch) loads only where images are: reading the record stays light (publish)
     from pipeline.data import DataSplits
 
-__all__ = ["LABELS_KEY", "PREPROCESSING_KEY", "Preprocessing", "describe_splits", "load_image", "preprocessing_for"]
+__all__ = ["LABELS_KEY", "PREPROCESSING_KEY", "Preprocessing", "describe_splits", "load_image"]
 
 PREPROCESSING_KEY = "force_compress.preprocessing"  # metadata_props keys; values are JSON
 LABELS_KEY = "force_compress.labels"
@@ -101,17 +101,6 @@ class Preprocessing:
 def describe_splits(splits: DataSplits) -> Preprocessing:
     return Preprocessing(splits.input_shape, splits.mean, splits.std, splits.class_names, splits.resize, splits.scale,
                          splits.source)
-
-
-def preprocessing_for(data: str, input_shape: Sequence[int], *, num_classes: int, val_fraction: float = 0.1,
-                      seed: int = 0) -> Preprocessing:
-    """The preprocessing of training on data spec `data` for a model with input (N, *input_shape): the same
-    load_data call as the stages make, so mean/std are the training split's, computed in one place."""
-    from pipeline.data import load_data
-
-    splits = load_data(data, tuple(input_shape), num_classes=num_classes, val_fraction=val_fraction, seed=seed,
-                       augment=False)
-    return describe_splits(splits)
 
 
 # --- applying it to a file --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import pipeline.data
+import stages.onnx_convert.channels.analysis as channel_analysis
 from pipeline.cli import main
 from pipeline.config import CompressConfig
 from stages.run.order import STAGES
@@ -54,9 +55,18 @@ CHANNEL_INT8 = ["--structure", "channel", "--channel-multiple", "1", "--sparsity
 
 @pytest.mark.parametrize("extra", [["--no-prefect"], [], ["--no-prefect", *CHANNEL_INT8]],
                          ids=["plain", "prefect", "plain-channel-int8"])
-def test_one_run_loads_its_data_once(extra, tiny_at_init, tmp_path, count_loads, prefect_harness):
+def test_one_run_loads_its_data_once(extra, tiny_at_init, tmp_path, count_loads, prefect_harness, monkeypatch):
+    analyses = []
+    builder = channel_analysis.ChannelBuilder
+
+    def counted_builder(model):
+        analyses.append(model.graph.name)
+        return builder(model)
+
+    monkeypatch.setattr(channel_analysis, "ChannelBuilder", counted_builder)
     args = ["compress", tiny_at_init, *FAST, "--runs-dir", str(tmp_path / "runs"), "--registry",
             str(tmp_path / "registry"), "--json", *extra]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(count_loads) == 1, f"the data was read {len(count_loads)} times in one run"
+    assert len(analyses) == (1 if "channel" in extra else 0), "a channel run analyses its graph once"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
 from pipeline.errors import InvalidModelError
 
@@ -65,8 +66,6 @@ def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
 
 def external_data_files(model: onnx.ModelProto) -> list[str]:
     """The external-data locations the initializers of `model` (loaded without them) refer to, in order."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
     seen: dict[str, None] = {}
     for tensor in _get_all_tensors(model):
         if uses_external_data(tensor):

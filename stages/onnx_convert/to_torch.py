@@ -9,12 +9,13 @@ is one tensor (a real tie), addressed by a readable name instead of `onnx_initia
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 
 import onnx
 import torch
-from onnx import defs
+from onnx import defs, numpy_helper
 from onnx2torch import convert
 from onnx2torch.converter import InitializersContainer
 from onnx2torch.node_converters import get_converter
@@ -150,8 +151,6 @@ def _std_slots(path: str, module: nn.Module, onode) -> list[tuple[_Slot, str]]:
 def _container_uses(gm: fx.GraphModule, onodes) -> dict[str, list[tuple[str, str, int]]]:
     """`initializers.onnx_initializer_<k>` -> [(initializer name, op type, input index)] from the fx graph
     and each module's onnx_mapping (positional args, then keyword args named as in forward())."""
-    import inspect
-
     uses: dict[str, list[tuple[str, str, int]]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -284,8 +283,6 @@ def _numel(t: onnx.TensorProto) -> int:
 
 
 def _initializer_tensor(t: onnx.TensorProto) -> torch.Tensor:
-    from onnx import numpy_helper
-
     return torch.from_numpy(numpy_helper.to_array(t).copy())
 
 

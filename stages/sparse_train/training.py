@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from force_core import MaskEnforcer, TrainNorm, add_train_norm, fold_train_norm
 from force_core.train_norm import FeatureBatchNorm
@@ -376,9 +377,6 @@ def train_module(
     if max_epochs_this_call is not None:
         end_epoch = min(end_epoch, start_epoch + max(0, int(max_epochs_this_call)))
     show = progress and is_main
-    if show:
-        from tqdm.auto import tqdm
-
     for epoch in range(start_epoch, end_epoch):
         loader.set_epoch(epoch)
         model.train()

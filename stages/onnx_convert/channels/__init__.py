@@ -22,7 +22,7 @@ the `ChannelAnalysis` (`plan.analysis`, what `analyze_channels` returns); pass i
 `cut_channels(model, plan.analysis, keep, plan=plan)`. Both are frozen dataclasses and pickle.
 """
 
-from stages.onnx_convert.channels.analyze import analyze, analyze_channels
+from stages.onnx_convert.channels.analysis import analyze, analyze_channels
 from stages.onnx_convert.channels.cut import cut_channels, mask_channels
 from stages.onnx_convert.channels.model import Blocked, ChannelAnalysis, GraphChannelGroup, Plan, TensorSlice
 from stages.onnx_convert.channels.registry import HANDLERS, channel_handler

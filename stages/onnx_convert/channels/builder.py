@@ -32,6 +32,8 @@ def node_name(node: onnx.NodeProto) -> str:
 
 
 class ChannelBuilder:
+    """One walk over `model`'s graph: what the handlers read and what they record (see the module docstring)."""
+
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph

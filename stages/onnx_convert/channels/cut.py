@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from stages.onnx_convert.channels.analyze import analyze
+from stages.onnx_convert.channels.analysis import analyze
 from stages.onnx_convert.channels.model import ChannelAnalysis, GraphChannelGroup, Plan
 from stages.onnx_convert.passes._graph import fresh_name
 
@@ -100,8 +100,8 @@ def cut_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mappin
     `group` of depthwise convolutions and the Reshape targets that spell out a channel count follow; every
     other node, the inputs, outputs, opset and metadata are as they were. `analysis` may hold a subset of the
     model's groups (the others keep all their channels). `plan`: `analyze(model)` when already computed (its
-    `.analysis` is what `analyze_channels` returns), so that the graph is not analysed again; without it the
-    model is analysed here."""
+    `.analysis` is what `analyze_channels` returns; the caller vouches it is of this `model`), so that the graph
+    is not analysed again; without it the model is analysed here."""
     keep = _checked_keep(analysis, keep)
     given = plan is not None
     if plan is None:

@@ -28,6 +28,7 @@ __all__ = ["analyze", "analyze_channels"]
 
 
 def _unknown(b: ChannelBuilder, node: onnx.NodeProto) -> None:
+    """The fallback for an operator no handler is registered for: every channel that reaches it is blocked."""
     inputs = list(node.input) + _captured(node)
     if any(b.layout(n) is not None for n in inputs):
         domain = f" in domain '{node.domain}'" if node.domain not in ("", "ai.onnx") else ""
