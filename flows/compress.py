@@ -84,6 +84,8 @@ def _compress(**params) -> dict:
     config = make_config(**params)  # one clear BadInputError before any work
     request = checked_request(config)  # the CLI's checks, when it started this flow; else made here
     logger.info("run directory %s", request.run_dir)
+    for line in request.describe_input(config):
+        logger.info(line)
     try:
         summary = run_all(config, run_stage_as_task, request=request, on_reused=log_reused)
     except NetworkCutError as e:  # stopped before training: a failed run with one line, not a traceback in the log

@@ -186,7 +186,23 @@ def _config_option(name: str, field):
         args = get_args(ann)
         return click.option(flag, name, type=args[0], nargs=len(args), default=None, help=help_,
                             metavar=" ".join(["N"] * len(args)))
+    if get_origin(ann) is list:
+        return click.option(flag, name, type=_NumberList(), default=None, help=help_, metavar="X,Y,...")
     return click.option(flag, name, type=ann, default=None, help=help_)
+
+
+class _NumberList(click.ParamType):
+    """A comma-separated list of numbers (`--mean 0.485,0.456,0.406`)."""
+
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 0.485,0.456,0.406)", param, ctx)
 
 
 def _config_options(fn, exclude=("model",)):
@@ -243,6 +259,11 @@ def _print_summary(summary: dict) -> None:
             click.echo(f"  - {f}")
     click.echo(f"  top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  sparsity {summary['sparsity']:.4f}"
                f" (target {summary['target_sparsity']:g})  onnxruntime on {summary['provider']}")
+    if summary.get("input_top1") is not None:
+        baseline = summary.get("baseline_accuracy")
+        drop = f"; --max-drop measured from {baseline:.4f}" if baseline is not None else ""
+        click.echo(f"  input model: top-1 {summary['input_top1']:.4f} on the same images, mean/std from "
+                   f"{summary['normalization']}{drop}")
     sizes = ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in z.items())
     click.echo(f"  sizes: {sizes}")
     ratio = lat.get("ratio", {})
@@ -290,6 +311,8 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     config = make_config(model=model, **fields)  # a bad option stops here, before Prefect is touched
     with _prefect_api(not no_prefect):
         request = check_request(config)  # bad input stops here, before any file is written
+    for line in request.describe_input(config):
+        click.echo(line, err=True)
     # With --json, stdout carries the summary only: whatever a stage prints goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:

@@ -38,6 +38,12 @@ class CompressConfig(BaseModel):
 
     data: str = Field("digits", description="data spec: digits | imagefolder:PATH | npz:PATH")
     image_size: tuple[int, int] | None = Field(None, description="H W for models with dynamic spatial size")
+    mean: list[float] | None = Field(
+        None, description="per-channel mean the model's input is normalised with, (x - mean) / std, as the model was "
+                          "trained (e.g. 0.485,0.456,0.406); give it with --std. Default: the input file's "
+                          "force_compress.preprocessing metadata, else the training split's")
+    std: list[float] | None = Field(None, description="per-channel std of that normalisation (e.g. 0.229,0.224,0.225); "
+                                                      "give it with --mean")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction scored by validation")
     augment: bool = Field(True, description="random crop and flip while training")
     train_norm: bool = Field(True, description="BatchNorm-fused layers get a BatchNorm for masks and training, "
@@ -82,6 +88,18 @@ class CompressConfig(BaseModel):
             kind = "" if self.structure == "unstructured" else f"{self.structure} "
             raise ValueError(f"unknown {kind}method {self.method!r}; "
                              f"choose one of {', '.join(sorted(known))}")
+        return self
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> CompressConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give --mean and --std together (one value per input channel each)")
+        if self.mean is not None:
+            if not self.mean or len(self.mean) != len(self.std):
+                raise ValueError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: one per input "
+                                 "channel each")
+            if min(self.std) <= 0:
+                raise ValueError(f"--std must be positive, got {','.join(f'{v:g}' for v in self.std)}")
         return self
 
     @property

@@ -366,6 +366,7 @@ class DataSplits:
     resize: str = "torch"  # RawData.resize and .scale of the source
     scale: str = "8-bit / 255"
     default_flip: bool = True  # the source's: whether a horizontal flip keeps an image's class
+    normalization: str = "the training split"  # where mean/std came from (pipeline.preprocessing.normalization)
 
 
 def augmentation(input_shape: tuple[int, int, int], default_flip: bool, augment: bool = True,

@@ -21,11 +21,15 @@ from pipeline.errors import BadInputError, DataError
 if TYPE_CHECKING:  # pipeline.data (torch) loads only where images are: reading the record stays light (publish)
     from pipeline.data import DataSplits
 
-__all__ = ["LABELS_KEY", "PREPROCESSING_KEY", "Preprocessing", "describe_splits", "load_image"]
+__all__ = ["LABELS_KEY", "PREPROCESSING_KEY", "Preprocessing", "describe_splits", "load_image", "normalization"]
 
 PREPROCESSING_KEY = "force_compress.preprocessing"  # metadata_props keys; values are JSON
 LABELS_KEY = "force_compress.labels"
 FORMAT = 1  # the preprocessing record's version: a reader refuses a newer one
+# Where a run's mean/std came from, first that applies: the options, the input file's own record, the data.
+NORMALIZATION_FROM_OPTIONS = "--mean/--std"
+NORMALIZATION_FROM_MODEL = "the input model's force_compress.preprocessing metadata"
+NORMALIZATION_FROM_DATA = "the training split"
 
 # The two resize paths of pipeline.data, described for a reader that re-implements them without this package.
 _RESIZE = {
@@ -56,6 +60,7 @@ class Preprocessing:
     resize: str = "torch"  # "torch" | "pillow": which of pipeline.data's paths the training images took
     scale: str = "8-bit / 255"  # how the source's stored values became [0, 1]
     source: str = ""
+    normalization: str = NORMALIZATION_FROM_DATA  # where mean/std came from (pipeline.preprocessing.normalization)
 
     @property
     def colour(self) -> str:
@@ -68,7 +73,7 @@ class Preprocessing:
             "value_range": [0.0, 1.0], "scale": self.scale, "image_files": _IMAGE_FILES,
             "resize": _RESIZE[self.resize],
             "mean": list(self.mean), "std": list(self.std), "normalize": "(x - mean) / std, per channel",
-            "source": self.source,
+            "normalization_from": self.normalization, "source": self.source,
         }
 
     def metadata_props(self) -> dict[str, str]:
@@ -88,7 +93,8 @@ class Preprocessing:
             resize = d["resize"]["library"]
             prep = cls(tuple(int(v) for v in d["input_size"]), tuple(float(v) for v in d["mean"]),
                        tuple(float(v) for v in d["std"]), tuple(str(v) for v in labels), resize,
-                       scale=str(d.get("scale", "")), source=str(d.get("source", "")))
+                       scale=str(d.get("scale", "")), source=str(d.get("source", "")),
+                       normalization=str(d.get("normalization_from", NORMALIZATION_FROM_DATA)))
             if resize not in _RESIZE or len(prep.input_size) != 3 or not (
                     len(prep.mean) == len(prep.std) == prep.input_size[0]) or min(prep.std) <= 0:
                 raise ValueError(f"resize {resize!r}, input size {prep.input_size}, {len(prep.mean)} means, "
@@ -100,7 +106,26 @@ class Preprocessing:
 
 def describe_splits(splits: DataSplits) -> Preprocessing:
     return Preprocessing(splits.input_shape, splits.mean, splits.std, splits.class_names, splits.resize, splits.scale,
-                         splits.source)
+                         splits.source, splits.normalization)
+
+
+def normalization(mean, std, props: Mapping[str, str], channels: int,
+                  what: str = "the input model") -> tuple[tuple | None, tuple | None, str]:
+    """(mean, std, where they came from) for a model whose input has `channels` channels, in this order: the options
+    (`mean`/`std`), the model file's own preprocessing record (`props`: its metadata_props), else (None, None): the
+    training split's, computed by pipeline.data. A record that does not fit the model is BadInputError (exit 2)."""
+    if mean is not None:
+        if len(mean) != channels or len(std) != channels:
+            raise BadInputError(f"--mean/--std have {len(mean)}/{len(std)} values but {what}'s input has {channels} "
+                                "channel(s): give one value per channel")
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std), NORMALIZATION_FROM_OPTIONS
+    if PREPROCESSING_KEY in props:
+        prep = Preprocessing.from_metadata(props, what)
+        if prep.input_size[0] != channels:
+            raise BadInputError(f"{what}'s {PREPROCESSING_KEY} metadata describes {prep.input_size[0]} channel(s) but "
+                                f"its input has {channels}: give --mean and --std")
+        return prep.mean, prep.std, NORMALIZATION_FROM_MODEL
+    return None, None, NORMALIZATION_FROM_DATA
 
 
 # --- applying it to a file --------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from pipeline.config import CompressConfig, ConfigView
 
-# load_data's split and order: read by every stage that gets the opened data
-DATA_FIELDS = frozenset({"data", "val_fraction", "seed"})
+# the opened data's source, split, order and normalisation: read by every stage that gets it
+DATA_FIELDS = frozenset({"data", "val_fraction", "seed", "mean", "std"})
 
 
 @runtime_checkable

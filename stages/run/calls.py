@@ -64,7 +64,8 @@ def _digest(value: Any) -> Any:
     if isinstance(value, CompressConfig):
         return value.fingerprint()
     if isinstance(value, DataSplits):
-        return {"data": [value.input_shape, value.num_classes, len(value.train_plain), len(value.val)]}
+        return {"data": [value.input_shape, value.num_classes, len(value.train_plain), len(value.val), value.mean,
+                         value.std]}
     if isinstance(value, str | os.PathLike) and Path(value).is_file():
         return {"path": str(value), "sha256": _file_sha256(value)}
     if is_dataclass(value) and not isinstance(value, type):

@@ -5,7 +5,7 @@ directory. Also the check between masks and training that the masks left a netwo
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.artifacts import check_writable_dir, run_dir_for, sha256_file
@@ -13,9 +13,11 @@ from pipeline.config import CompressConfig
 from pipeline.data import DataSplits, load_data
 from pipeline.devices import resolve_device
 from pipeline.errors import NetworkCutError
+from pipeline.preprocessing import normalization
 from stages import compute_masks, cut_channels, import_onnx
+from stages.onnx_convert import runtime
 from stages.onnx_convert.model_io import load_checked
-from stages.onnx_convert.scoring import classifier_io
+from stages.onnx_convert.scoring import accuracy, classifier_io
 from stages.publish import check_registry
 from stages.publish.manifest import check_model_name
 from stages.quantize import check_not_quantized
@@ -39,6 +41,30 @@ class Request:
     num_classes: int
     run_dir: str
     data: DataSplits = field(repr=False, compare=False)
+    input_top1: float | None = None  # the input model on the held-out split (onnxruntime, as validation scores)
+    input_top5: float | None = None
+
+    def baseline_for(self, config: CompressConfig) -> CompressConfig:
+        """`config` with the input's top-1 as the baseline of --max-drop when none is given."""
+        if config.max_drop is None or config.baseline_accuracy is not None or self.input_top1 is None:
+            return config
+        return config.model_copy(update={"baseline_accuracy": self.input_top1})
+
+    def describe_input(self, config: CompressConfig) -> list[str]:
+        """What the checks found about the input, one line each: its score, and a warning when --max-drop would be
+        measured from a score near chance."""
+        lines = [f"input model: top-1 {self.input_top1:.4f}, top-5 {self.input_top5:.4f} on {len(self.data.val)} "
+                 f"held-out images (onnxruntime), normalised with mean/std from {self.data.normalization}"]
+        if config.max_drop is not None and config.baseline_accuracy is None and self.looks_untrained:
+            lines.append(f"warning: the input scores {self.input_top1:.4f} with {self.num_classes} classes, near "
+                         "chance: it looks untrained or given the wrong preprocessing (--mean/--std), so --max-drop "
+                         "measured from it says little; give --baseline-accuracy, or use `force-compress sweep`, "
+                         "which trains a dense baseline")
+        return lines
+
+    @property
+    def looks_untrained(self) -> bool:
+        return self.input_top1 is not None and self.input_top1 < 2.0 / max(self.num_classes, 2)
 
 
 def run_fingerprint(config: CompressConfig, stages=RUN_DIR_STAGES) -> dict:
@@ -58,13 +84,17 @@ def check_request(config: CompressConfig) -> Request:
     if config.quantize == "int8":
         check_not_quantized(model, Path(config.model).name)
     _, input_shape, num_classes = classifier_io(model, config.image_size)
+    mean, std, source = normalization(config.mean, config.std, {p.key: p.value for p in model.metadata_props},
+                                      input_shape[0], Path(config.model).name)
     data = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                     seed=config.seed, augment=False)
+                     seed=config.seed, augment=False, mean=mean, std=std)
+    data = replace(data, normalization=source)
     check_registry(config.registry)
     check_writable_dir(config.runs_dir, "runs-dir")
     source_sha = sha256_file(config.model)
     run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(config))
-    return Request(str(config.model), source_sha, input_shape, num_classes, str(run_dir), data)
+    top1, top5 = accuracy(runtime.session(config.model, device=resolve_device(config.device)), data.val)
+    return Request(str(config.model), source_sha, input_shape, num_classes, str(run_dir), data, top1, top5)
 
 
 def hand_over(config: CompressConfig, request: Request) -> None:

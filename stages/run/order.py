@@ -63,6 +63,9 @@ class RunSummary:
     costs: dict = field(default_factory=dict)  # {"input"|"exported": params, non-zero params, MACs per image}
     forms: list = field(default_factory=list)  # each form measured: role, file, size, gzip, top-1, p50 at batch 1/32
     reused: tuple[str, ...] = ()  # stages whose cached result was reused, in run order
+    input_top1: float | None = None  # the input model on the same held-out split, scored before any work
+    baseline_accuracy: float | None = None  # what --max-drop was measured from (None: no --max-drop)
+    normalization: str = ""  # where the input's mean/std came from (options, the input's metadata, the data)
     report: ValidationReport | None = field(default=None, repr=False, compare=False)  # in memory only
 
     @property
@@ -137,6 +140,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
     published), as does `publish_result=False` (a sweep's cells: the sweep publishes one). Bad input found by a
     stage removes the run directory this call created."""
     request = request or checked_request(config)
+    config = request.baseline_for(config)  # --max-drop without --baseline-accuracy: from the input's own score
     run_dir = Path(request.run_dir)
     created = [p for p in (Path(config.runs_dir), run_dir) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +176,8 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=step.seconds,
         report_md=report.report_md, effective_density=t.masks.effective_density, structure=config.structure,
         costs=report.costs, forms=[_form_summary(f) for f in report.forms], reused=tuple(step.reused),
-        report=report,
+        input_top1=request.input_top1, baseline_accuracy=config.baseline_accuracy if config.max_drop is not None
+        else None, normalization=data.normalization, report=report,
     )
     write_json_atomic(run_dir / RunFiles.SUMMARY, summary.to_dict())
     return summary

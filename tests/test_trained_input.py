@@ -1,0 +1,114 @@
+"""A trained model in: its own normalisation stated by --mean/--std or read from its metadata, its score on the
+held-out split taken before any work and used as the baseline of --max-drop, and bad statements refused at once."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.data import load_data
+from pipeline.preprocessing import (
+    NORMALIZATION_FROM_DATA,
+    NORMALIZATION_FROM_MODEL,
+    NORMALIZATION_FROM_OPTIONS,
+    PREPROCESSING_KEY,
+)
+from stages.onnx_convert.scoring import onnx_accuracy
+
+FAST = ["--steps", "2", "--mask-batch-size", "64", "--batch-size", "64", "--no-prefect", "--json"]
+
+
+@pytest.fixture(scope="module")
+def raw_trained(tmp_path_factory, to_onnx):
+    """A CNN trained by this test on digits as [0, 1] grey levels, with no mean/std at all (what its user knows and
+    the data's statistics do not say), exported in eval mode; and the plain onnxruntime top-1 on the held-out split
+    under that preprocessing."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    raw = load_data("digits", (1, 8, 8), num_classes=10, augment=False, mean=(0.0,), std=(1.0,))
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16 * 64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x, y = raw.train.batch(torch.arange(len(raw.train)))
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    path = to_onnx(net, tmp_path_factory.mktemp("raw") / "raw.onnx")
+    return path, onnx_accuracy(path, raw.val)[0]
+
+
+def _compress(model, tmp_path, *args):
+    r = CliRunner().invoke(main, ["compress", str(model), *FAST, "--runs-dir", str(tmp_path / "runs"),
+                                  "--registry", str(tmp_path / "registry"), *args])
+    return r, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None)
+
+
+def test_the_input_is_scored_with_the_normalisation_it_was_trained_with(raw_trained, tmp_path):
+    model, plain_top1 = raw_trained
+    assert plain_top1 > 0.9  # the test's own training worked
+    r, s = _compress(model, tmp_path, "--mean", "0", "--std", "1", "--sparsity", "0.5", "--epochs", "1",
+                     "--min-accuracy", "0")
+    assert r.exit_code == 0, r.output
+    assert abs(s["input_top1"] - plain_top1) <= 0.005 and s["normalization"] == NORMALIZATION_FROM_OPTIONS
+    assert "input model: top-1" in r.stderr and NORMALIZATION_FROM_OPTIONS in r.stderr
+    # the output records what its input was given, for predict and for the next run
+    props = {p.key: p.value for p in onnx.load(f"{s['registry_path']}/model.onnx").metadata_props}
+    record = json.loads(props[PREPROCESSING_KEY])
+    assert (record["mean"], record["std"], record["normalization_from"]) == ([0.0], [1.0], NORMALIZATION_FROM_OPTIONS)
+    # left to itself, a file without a record is normalised with the data's statistics, and says so
+    r, s = _compress(model, tmp_path / "guessed", "--sparsity", "0.5", "--epochs", "0", "--min-accuracy", "0")
+    assert r.exit_code == 0, r.output
+    assert s["normalization"] == NORMALIZATION_FROM_DATA
+
+
+def test_max_drop_without_a_baseline_is_measured_from_the_input(raw_trained, tmp_path):
+    model, _ = raw_trained
+    r, s = _compress(model, tmp_path, "--mean", "0", "--std", "1", "--sparsity", "0.95", "--method", "random",
+                     "--epochs", "0", "--min-accuracy", "0", "--max-drop", "0.02", "--no-cut-check")
+    assert s is not None, r.output
+    assert s["baseline_accuracy"] == s["input_top1"]
+    drop = [f for f in s["failures"] if f.startswith("accuracy drop")]
+    assert r.exit_code == 1 and drop and f"from baseline {s['input_top1']:.4f}" in drop[0]
+
+
+def test_a_published_model_fed_back_brings_its_own_normalisation(raw_trained, tmp_path):
+    model, _ = raw_trained
+    r, first = _compress(model, tmp_path, "--mean", "0", "--std", "1", "--sparsity", "0.5", "--epochs", "1",
+                         "--min-accuracy", "0")
+    assert r.exit_code == 0 and first["published"], r.output
+    published = f"{first['registry_path']}/model.onnx"
+    r, again = _compress(published, tmp_path / "again", "--sparsity", "0.6", "--epochs", "0", "--min-accuracy", "0")
+    assert r.exit_code == 0, r.output
+    assert again["normalization"] == NORMALIZATION_FROM_MODEL
+    assert abs(again["input_top1"] - first["top1"]) <= 0.005  # the published file, scored as validation scored it
+
+
+def test_an_untrained_input_with_max_drop_gets_one_clear_warning(tiny_at_init, tmp_path):
+    r, s = _compress(tiny_at_init, tmp_path, "--sparsity", "0.5", "--epochs", "0", "--min-accuracy", "0",
+                     "--max-drop", "0.5")
+    assert s is not None, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: the input scores")]
+    assert len(warnings) == 1 and "--baseline-accuracy" in warnings[0] and "sweep" in warnings[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mean", "0.5"], "give --mean and --std together"),
+    (["--mean", "0.5", "--std", "-1"], "--std must be positive"),
+    (["--mean", "0.5,0.5", "--std", "1"], "one per input channel"),
+    (["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"], "input has 1 channel(s)"),
+])
+def test_a_normalisation_that_does_not_fit_is_exit_2_before_any_work(raw_trained, tmp_path, args, message):
+    model, _ = raw_trained
+    r, _ = _compress(model, tmp_path, *args)
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert not (tmp_path / "runs").exists()
