@@ -48,6 +48,7 @@ def validate(
     compact_path: str | Path | None = None,
     int8_path: str | Path | None = None,
     int8_info: dict | None = None,
+    input_scores: tuple[float, float] | None = None,
     val,
     reference=None,
     latency_runs: int = 30,
@@ -61,7 +62,8 @@ def validate(
     density and cut layers come from the sidecar (masks.json) of `masks_path`, when given. `uncut_path`: the
     normalised model before a channel cut; sparsity and the costs' "input" column are then measured against it.
     `compact_path` / `int8_path`: the other forms of the model (sparse initializers, INT8), measured with the same
-    code and gated too (`int8_info`: what the quantize stage reported).
+    code and gated too (`int8_info`: what the quantize stage reported). `input_scores`: the input's (top-1, top-5)
+    on `val` when already measured (the checks before the run score it), so it is not scored again.
     """
     exported_path, run_dir = Path(exported_path), Path(run_dir)
     input_path = Path(input_path or config.model)
@@ -79,7 +81,7 @@ def validate(
         reference = _reference_module(exported_path, normalized_path, state_path)
     parity_abs, parity_rel = ort_vs_torch(reference, session, first_batch)
 
-    forms = [Form("input", input_path), Form("fp32", exported_path)]
+    forms = [Form("input", input_path, input_scores), Form("fp32", exported_path)]
     forms += [Form("compact", Path(compact_path))] if compact_path else []
     int8_info = dict(int8_info or {})
     if int8_path:
@@ -194,15 +196,16 @@ def ort_vs_torch(reference, session, x: np.ndarray) -> tuple[float, float]:
 
 
 def validate_stage(exported, trained, masks, config, run_dir: str, data, graph: str, uncut: str | None = None,
-                   quantized=None) -> ValidationReport:
+                   quantized=None, input_scores: tuple[float, float] | None = None) -> ValidationReport:
     """The pipeline's validation of an export (`exported`: ExportResult) of the training `trained` (TrainResult) on
-    `graph` (normalized.onnx, or cut.onnx for a channel cut of `uncut`), with the INT8 form when `quantized`."""
+    `graph` (normalized.onnx, or cut.onnx for a channel cut of `uncut`), with the INT8 form when `quantized`;
+    `input_scores`: the input's top-1/top-5 on `data.val`, measured before the run."""
     int8_info = quantized.notes() if quantized is not None else None
     return validate(exported.out_path, config, run_dir, input_path=config.model, normalized_path=graph,
                     state_path=trained.state_path, history_path=trained.history_path, masks_path=masks.masks_path,
                     uncut_path=uncut, compact_path=exported.compact_path,
                     int8_path=quantized.out_path if quantized is not None else None, int8_info=int8_info,
-                    val=data.val)
+                    input_scores=input_scores, val=data.val)
 
 
 STAGE = Stage("validate", validate_stage, outputs=(RunFiles.REPORT_JSON, RunFiles.REPORT_MD),

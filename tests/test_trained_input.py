@@ -4,6 +4,7 @@ held-out split taken before any work and used as the baseline of --max-drop, and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -112,3 +113,12 @@ def test_a_normalisation_that_does_not_fit_is_exit_2_before_any_work(raw_trained
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_parallel_training_processes_normalise_as_the_run_does(raw_trained, tmp_path):
+    model, _ = raw_trained
+    r, s = _compress(model, tmp_path, "--mean", "0", "--std", "1", "--sparsity", "0.5", "--epochs", "1",
+                     "--min-accuracy", "0", "--nproc", "2", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    trained = json.loads((Path(s["run_dir"]) / "train_result.json").read_text())  # written by rank 0
+    assert (trained["mean"], trained["std"]) == ([0.0], [1.0])

@@ -32,6 +32,7 @@ BATCHES = (1, 32)
 class Form:
     role: str  # a key of FORM_LABELS
     path: Path
+    scores: tuple[float, float] | None = None  # (top-1, top-5) on the same held-out split, when already measured
 
 
 def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "cpu", runs: int = 30) -> list[dict]:
@@ -40,7 +41,7 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
     records = []
     for form, session in zip(forms, sessions, strict=True):
         model = onnx.load(str(form.path), load_external_data=False)
-        top1, top5 = accuracy(session, val)
+        top1, top5 = form.scores or accuracy(session, val)
         sparsity = file_sparsity(model)
         data = form.path.read_bytes()
         records.append({"role": form.role, "file": form.path.name, "path": str(form.path),

@@ -154,7 +154,8 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         quantized = step(quantize.STAGE, exported=exported, run_dir=rd, data=data) \
             if config.quantize == "int8" else None
         report = step(validate.STAGE, exported=exported, trained=t.trained, masks=t.masks, config=config, run_dir=rd,
-                      data=data, graph=t.graph, uncut=t.uncut, quantized=quantized)
+                      data=data, graph=t.graph, uncut=t.uncut, quantized=quantized,
+                      input_scores=None if request.input_top1 is None else (request.input_top1, request.input_top5))
         published = step(publish.STAGE, run_dir=rd, report=report, masks_path=str(t.masks.masks_path),
                          config=config) \
             if report.passed and publish_result else None

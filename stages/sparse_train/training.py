@@ -485,17 +485,20 @@ def sparse_train(
     progress: bool = True,
     max_epochs_this_call: int | None = None,
     data: DataSplits | None = None,
+    normalization: tuple | None = None,
 ) -> TrainResult:
     """Rebuild the module from `normalized_path` (ONNX import's deterministic re-conversion), load the masks, train
     on `data` (the run's opened data, augmented here as `config.augment` says; None: `config.data` is loaded, as a
-    worker process of a data-parallel run does), write run_dir/trained.pt."""
+    worker process of a data-parallel run does, normalised with `normalization` = (mean, std) when given, else with
+    the training split's statistics), write run_dir/trained.pt."""
     module, param_map = load_module(normalized_path)
     maskset = load_masks(masks_path, param_map)
-    shape, num_classes = model_io(normalized_path, config.image_size)
     norms = add_train_norm(module) if config.train_norm else []
     if data is None:
+        shape, num_classes = model_io(normalized_path, config.image_size)
+        mean, std = normalization or (None, None)
         splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                           seed=config.seed, augment=config.augment)
+                           seed=config.seed, augment=config.augment, mean=mean, std=std)
     else:
         splits = augmented(data, config.augment)
     result = train_module(module, maskset, splits, config, run_dir, progress=progress,
