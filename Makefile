@@ -15,6 +15,8 @@ EPOCHS ?=
 DEVICE ?=
 NPROC ?=
 REGISTRY ?=
+PREPROCESSING ?=
+RECIPE ?=
 QUICK ?=
 # `make sweep` knobs (and the ones above, less SPARSITY and METHOD); empty ones: the sweep command's defaults.
 SPARSITIES ?=
@@ -22,7 +24,7 @@ METHODS ?=
 MAX_DROP ?=
 JOBS ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured compress sweep serve clean distclean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained compress sweep serve clean distclean
 
 install: $(BIN)/.installed
 
@@ -56,6 +58,9 @@ bench-extremes: install
 bench-structured: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_structured.py
 
+bench-trained: install
+	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_trained.py
+
 # Any torchvision architecture at initialization, 10 classes at 32x32 (the digits default):
 # `make compress MODEL=resnet50.onnx` creates resnet50.onnx first when it does not exist.
 %.onnx: | install
@@ -64,7 +69,8 @@ bench-structured: install
 compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) \
-		$(if $(QUANTIZE),--quantize $(QUANTIZE)) \
+		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(PREPROCESSING),--preprocessing $(PREPROCESSING)) \
+		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(NPROC),--nproc $(NPROC)) \
 		$(if $(REGISTRY),--registry $(REGISTRY))
 

@@ -136,7 +136,7 @@ def run_flow(config: CompressConfig) -> dict:
     """The pipeline through the flow in this process (the temporary API unless PREFECT_API_URL is set): its summary,
     also when the gate failed (exit 1)."""
     try:
-        return force_compress(**config.model_dump())
+        return force_compress(**config.given())  # the recipe fills in what was not given, in the flow as here
     except GateFailedError as e:
         if e.summary is None:  # stopped before training: no summary to show
             raise

@@ -264,6 +264,7 @@ def _print_summary(summary: dict) -> None:
         drop = f"; --max-drop measured from {baseline:.4f}" if baseline is not None else ""
         click.echo(f"  input model: top-1 {summary['input_top1']:.4f} on the same images, mean/std from "
                    f"{summary['normalization']}{drop}")
+        click.echo(f"  {summary['recipe']}")
     sizes = ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in z.items())
     click.echo(f"  sizes: {sizes}")
     ratio = lat.get("ratio", {})

@@ -5,9 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.errors import BadInputError
+from pipeline.preprocessing import resolve
+
+PREPROCESSING_FIELDS = ("mean", "std", "preprocessing", "resize", "crop", "interpolation")
+
+# The training recipes: the values of the fields a recipe sets where no option gives them. scratch: the paper's
+# from-initialization training. finetune: for trained weights (measured in benchmarks/bench_trained.py, README
+# "A trained model in"): a small learning rate and a short schedule, and no train-time BatchNorm, so the trained
+# function (its folded BatchNorm statistics included) is where training starts.
+RECIPES: dict[str, dict] = {
+    "scratch": {"epochs": 10, "lr": 0.1, "weight_decay": 5e-4, "train_norm": True},
+    "finetune": {"epochs": 3, "lr": 0.01, "weight_decay": 5e-5, "train_norm": False},
+}
+FINETUNE_SUMMARY = "SGD lr 0.01, cosine, 3 epochs, weight decay 5e-5, no train-time BatchNorm"
 
 
 class CompressConfig(BaseModel):
@@ -15,6 +28,7 @@ class CompressConfig(BaseModel):
     speaks sparsity, `force_core` speaks density, and `density` converts once, here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _from_recipe: frozenset[str] = PrivateAttr(default=frozenset())  # fields no option gave: the recipe's values
 
     model: str = Field(description="path to the input ONNX classifier")
     sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of prunable weights to remove")
@@ -44,17 +58,31 @@ class CompressConfig(BaseModel):
                           "force_compress.preprocessing metadata, else the training split's")
     std: list[float] | None = Field(None, description="per-channel std of that normalisation (e.g. 0.229,0.224,0.225); "
                                                       "give it with --mean")
+    preprocessing: str | None = Field(
+        None, description="a named preprocessing preset: imagenet = torchvision's ImageNet eval transform (shorter "
+                          "side 256 bilinear, centre crop 224, ImageNet mean/std); options given beside it win")
+    resize: str | None = Field(None, description="resize before the crop: N (shorter side to N, aspect kept) or HxW. "
+                                                 "Default: the preset's, else the input file's record, else straight "
+                                                 "to the model's input size")
+    crop: str | None = Field(None, description="centre crop HxW (or N for NxN) after --resize: the model's input size")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
+        None, description="resize interpolation (antialiased when shrinking) [default: bilinear]")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction scored by validation")
     augment: bool = Field(True, description="random crop and flip while training")
-    train_norm: bool = Field(True, description="BatchNorm-fused layers get a BatchNorm for masks and training, "
+    train_norm: bool | None = Field(None, description="BatchNorm-fused layers get a BatchNorm for masks and training, "
                                                "folded back at export (the graph keeps its nodes)")
 
-    epochs: int = Field(10, ge=0, le=10000, description="sparse-training epochs")
+    recipe: Literal["auto", "finetune", "scratch"] = Field(
+        "auto", description="training recipe: scratch (SGD lr 0.1, cosine, 10 epochs, a train-time BatchNorm for "
+                            "fused layers), finetune (keeps the input's trained weights: " + FINETUNE_SUMMARY + "), or "
+                            "auto: finetune when the input scores well above chance on the held-out split. Options "
+                            "given beside it win")
+    epochs: int | None = Field(None, ge=0, le=10000, description="sparse-training epochs")
     batch_size: int = Field(128, ge=1, description="training batch size")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum) or adamw")
-    lr: float = Field(0.1, gt=0.0, description="peak learning rate")
+    lr: float | None = Field(None, gt=0.0, description="peak learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    weight_decay: float = Field(5e-4, ge=0.0, description="weight decay")
+    weight_decay: float | None = Field(None, ge=0.0, description="weight decay")
     lr_schedule: Literal["cosine", "step"] = Field("cosine", description="cosine, or step (x0.1 at 50% and 75%)")
     seed: int = Field(0, description="seed for masks, data split and training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device (onnxruntime follows)")
@@ -91,16 +119,43 @@ class CompressConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _normalisation(self) -> CompressConfig:
+    def _recipe_values(self) -> CompressConfig:
+        """Fields no option gives take the recipe's values (auto: scratch's until the input is scored and
+        `with_recipe` settles it)."""
+        recipe = RECIPES["scratch" if self.recipe == "auto" else self.recipe]
+        unset = frozenset(k for k in recipe if getattr(self, k) is None)
+        for k in unset:
+            object.__setattr__(self, k, recipe[k])
+        self._from_recipe = unset
+        return self
+
+    def with_recipe(self, recipe: str) -> CompressConfig:
+        """This config under `recipe` ("scratch" or "finetune"): the fields no option gave take its values."""
+        update = {k: RECIPES[recipe][k] for k in self._from_recipe}
+        return self.model_copy(update={**update, "recipe": recipe})
+
+    def given(self) -> dict:
+        """The fields as given: those the recipe filled in are None again (what a new config from them fills the
+        same way; the Prefect flow's parameters)."""
+        return {k: None if k in self._from_recipe else v for k, v in self.model_dump().items()}
+
+    @model_validator(mode="after")
+    def _preprocessing(self) -> CompressConfig:
+        """What the options say of the preprocessing holds together (the model is checked with the request)."""
         if (self.mean is None) != (self.std is None):
             raise ValueError("give --mean and --std together (one value per input channel each)")
-        if self.mean is not None:
-            if not self.mean or len(self.mean) != len(self.std):
-                raise ValueError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: one per input "
-                                 "channel each")
-            if min(self.std) <= 0:
-                raise ValueError(f"--std must be positive, got {','.join(f'{v:g}' for v in self.std)}")
+        if self.mean is not None and (not self.mean or len(self.mean) != len(self.std)):
+            raise ValueError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: one per input "
+                             "channel each")
+        try:
+            resolve(self.preprocessing_options())
+        except BadInputError as e:
+            raise ValueError(str(e)) from None
         return self
+
+    def preprocessing_options(self) -> dict:
+        """The preprocessing the options state (pipeline.preprocessing.resolve's `options`)."""
+        return {name: getattr(self, name) for name in PREPROCESSING_FIELDS}
 
     @property
     def density(self) -> float:

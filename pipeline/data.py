@@ -22,11 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from pipeline.errors import DataError
+from pipeline.geometry import Geometry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 MAX_UNREADABLE_FRACTION = 0.01  # above this share of unreadable image files, the folder is refused
+DEFAULT_GEOMETRY = Geometry()
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, what PIL's convert("L") uses
 
 
@@ -52,14 +56,15 @@ class RawData:
     scale: str = "8-bit / 255"
 
 
-SourceFn = Callable[[str, tuple[int, int, int]], RawData]
+SourceFn = Callable[[str, tuple[int, int, int], Geometry], RawData]
 _SOURCES: dict[str, SourceFn] = {}
 
 
 def register_source(scheme: str) -> Callable[[SourceFn], SourceFn]:
-    """Register a data source for specs `scheme` or `scheme:ARG`. The function gets (ARG, (C, H, W)) and returns
-    RawData at that shape; it raises DataError with one line on bad input. Schemes are unique: registering one
-    again raises ValueError naming it (registering the very same function again changes nothing)."""
+    """Register a data source for specs `scheme` or `scheme:ARG`. The function gets (ARG, (C, H, W), Geometry) and
+    returns RawData at that shape, its images resized and cropped as the Geometry says (`fit_images`,
+    `read_image`); it raises DataError with one line on bad input. Schemes are unique: registering one again raises
+    ValueError naming it (registering the very same function again changes nothing)."""
 
     def deco(fn: SourceFn) -> SourceFn:
         old = _SOURCES.get(scheme)
@@ -96,24 +101,43 @@ def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down).clamp_(0.0, 1.0)
 
 
-def fit_images(x: torch.Tensor, shape: tuple[int, int, int], what: str = "data") -> torch.Tensor:
-    """(N, c, h, w) in [0, 1] -> (N, C, H, W): bilinear resize (antialiased when shrinking, clamped to [0, 1]),
-    then the channel mapping of `map_channels`. The "torch" resize of the digits and npz sources (and of predict)."""
+def fit_images(x: torch.Tensor, shape: tuple[int, int, int], what: str = "data",
+               geometry: Geometry = DEFAULT_GEOMETRY) -> torch.Tensor:
+    """(N, c, h, w) in [0, 1] -> (N, C, H, W): the default geometry is a bilinear resize (antialiased when shrinking,
+    clamped to [0, 1]), any other torchvision's resize and centre crop; then the channel mapping of `map_channels`.
+    The "torch" resize of the digits and npz sources (and of predict)."""
     c, h, w = shape
-    return map_channels(_resize(x, h, w), c, what)
+    if geometry.is_default:
+        return map_channels(_resize(x, h, w), c, what)
+    x = TF.resize(x, list(geometry.resize or (h, w)), interpolation=InterpolationMode(geometry.interpolation),
+                  antialias=geometry.interpolation != "nearest")
+    if geometry.crop is not None:
+        x = TF.center_crop(x, list(geometry.crop))
+    return map_channels(x.clamp_(0.0, 1.0), c, what)
 
 
-def read_image(source, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """An image file (or a PIL image) as (H, W) or (H, W, 3) uint8: PIL's convert(mode) ("L" or "RGB"), then its
-    8-bit bilinear resize to size (H, W). The "pillow" resize of the imagefolder source (and of predict); PIL's
-    errors pass."""
+def read_image(source, mode: str, size: tuple[int, int], geometry: Geometry = DEFAULT_GEOMETRY) -> np.ndarray:
+    """An image file (or a PIL image) as (H, W) or (H, W, 3) uint8: PIL's convert(mode) ("L" or "RGB"), then the
+    default geometry's 8-bit bilinear resize to size (H, W), or any other's torchvision resize and centre crop of
+    the PIL image (as torchvision's ImageNet transforms do). The "pillow" resize of the imagefolder source (and of
+    predict); PIL's errors pass."""
     from PIL import Image
 
     h, w = size
-    if isinstance(source, Image.Image):
-        return np.asarray(source.convert(mode).resize((w, h), Image.BILINEAR), dtype=np.uint8)
-    with Image.open(source) as im:
-        return read_image(im, mode, size)
+    if not isinstance(source, Image.Image):
+        with Image.open(source) as im:
+            return read_image(im, mode, size, geometry)
+    im = source.convert(mode)
+    if geometry.is_default:
+        return np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+    im = TF.resize(im, list(geometry.resize or (h, w)), interpolation=InterpolationMode(geometry.interpolation))
+    if geometry.crop is not None:
+        im = TF.center_crop(im, list(geometry.crop))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _fitted(geometry: Geometry, h: int, w: int) -> str:
+    return f"resized to {h}x{w}" if geometry.is_default else geometry.describe()
 
 
 def map_channels(x: torch.Tensor, channels: int, what: str = "data") -> torch.Tensor:
@@ -132,7 +156,7 @@ def map_channels(x: torch.Tensor, channels: int, what: str = "data") -> torch.Te
 
 
 @register_source("digits")
-def _digits(arg: str, shape: tuple[int, int, int]) -> RawData:
+def _digits(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
     """scikit-learn's bundled 8×8 handwritten digits (1797 images, grey levels 0..16, 10 classes)."""
     if arg:
         raise DataError(f"the digits spec takes no argument (got 'digits:{arg}')")
@@ -141,12 +165,12 @@ def _digits(arg: str, shape: tuple[int, int, int]) -> RawData:
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     c, h, w = shape
-    x = fit_images(x, shape, "digits")
+    x = fit_images(x, shape, "digits", geometry)
     return RawData(
         x=x.contiguous(),
         y=torch.from_numpy(d.target.astype(np.int64)),
         class_names=tuple(str(i) for i in range(10)),
-        description=f"digits (scikit-learn, 1797 images 8x8 grey, resized to {h}x{w}, {c} channel(s))",
+        description=f"digits (scikit-learn, 1797 images 8x8 grey, {_fitted(geometry, h, w)}, {c} channel(s))",
         default_flip=False,
         scale="grey levels 0..16 / 16",
     )
@@ -173,7 +197,7 @@ def _to_nchw(a: np.ndarray, channels: int, path: str) -> np.ndarray:
 
 
 @register_source("npz")
-def _npz(arg: str, shape: tuple[int, int, int]) -> RawData:
+def _npz(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
     """A NumPy .npz with arrays `x` (uint8 0..255 or float, NCHW or NHWC or NHW) and `y` (integer labels);
     optional `x_val`/`y_val` for a fixed validation split and `class_names`."""
     if not arg:
@@ -201,7 +225,7 @@ def _npz(arg: str, shape: tuple[int, int, int]) -> RawData:
                 t = t / 255.0
         else:
             raise DataError(f"{path}: x has dtype {a.dtype}; expected uint8 or float")
-        return fit_images(t, (c, h, w), str(path)).contiguous()
+        return fit_images(t, (c, h, w), str(path), geometry).contiguous()
 
     def labels(a: np.ndarray, n: int, name: str) -> torch.Tensor:
         a = np.asarray(a).reshape(-1)
@@ -217,7 +241,7 @@ def _npz(arg: str, shape: tuple[int, int, int]) -> RawData:
         y_val = labels(arrays.get("y_val", np.zeros(0)), x_val.shape[0], "y_val")
     n_cls = int(max(int(y.max()) if len(y) else -1, int(y_val.max()) if y_val is not None and len(y_val) else -1)) + 1
     names = tuple(str(s) for s in arrays["class_names"]) if "class_names" in arrays else tuple(map(str, range(n_cls)))
-    return RawData(x, y, names, x_val, y_val, description=f"npz {path} ({len(y)} images, resized to {h}x{w})",
+    return RawData(x, y, names, x_val, y_val, description=f"npz {path} ({len(y)} images, {_fitted(geometry, h, w)})",
                    scale="uint8 / 255; other types as stored, / 255 when above 1.5")
 
 
@@ -225,7 +249,8 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int],
+                 geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     c, h, w = shape
     mode = "L" if c == 1 else "RGB"
     if c not in (1, 3):
@@ -240,7 +265,7 @@ def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int]) ->
                 continue
             total += 1
             try:
-                a = read_image(f, mode, (h, w))
+                a = read_image(f, mode, (h, w), geometry)
             except Exception:  # noqa: BLE001 - PIL raises many types for broken files
                 bad.append(f)
                 continue
@@ -261,7 +286,7 @@ def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int]) ->
 
 
 @register_source("imagefolder")
-def _imagefolder(arg: str, shape: tuple[int, int, int]) -> RawData:
+def _imagefolder(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
     """One sub-folder per class (names sorted give the label order), or `train/` and `val/` each laid out so."""
     if not arg:
         raise DataError("imagefolder spec needs a path: imagefolder:PATH")
@@ -274,14 +299,14 @@ def _imagefolder(arg: str, shape: tuple[int, int, int]) -> RawData:
     classes = [d.name for d in _class_dirs(base)]
     if not classes:
         raise DataError(f"image folder {base} has no class sub-folders (expected {base}/<class>/<image>)")
-    x, y = _load_folder(base, classes, shape)
+    x, y = _load_folder(base, classes, shape, geometry)
     x_val = y_val = None
     if split:
-        x_val, y_val = _load_folder(val_dir, classes, shape)
+        x_val, y_val = _load_folder(val_dir, classes, shape, geometry)
     return RawData(
         x, y, tuple(classes), x_val, y_val,
         description=f"imagefolder {root} ({len(classes)} classes, {len(y)} train images"
-        + (f", {len(y_val)} val images" if y_val is not None else "") + f", resized to {shape[1]}x{shape[2]})",
+        + (f", {len(y_val)} val images" if y_val is not None else "") + f", {_fitted(geometry, shape[1], shape[2])})",
         resize="pillow",
     )
 
@@ -366,7 +391,9 @@ class DataSplits:
     resize: str = "torch"  # RawData.resize and .scale of the source
     scale: str = "8-bit / 255"
     default_flip: bool = True  # the source's: whether a horizontal flip keeps an image's class
-    normalization: str = "the training split"  # where mean/std came from (pipeline.preprocessing.normalization)
+    normalization: str = "the training split"  # where mean/std came from (pipeline.preprocessing.resolve)
+    geometry: Geometry = DEFAULT_GEOMETRY  # the resize and crop the images took (pipeline.preprocessing.resolve)
+    geometry_from: str = "default (straight resize to the model's input)"
 
 
 def augmentation(input_shape: tuple[int, int, int], default_flip: bool, augment: bool = True,
@@ -430,11 +457,13 @@ def load_data(
     std: tuple[float, ...] | None = None,
     flip: bool | None = None,
     pad: int | None = None,
+    geometry: Geometry = DEFAULT_GEOMETRY,
 ) -> DataSplits:
     """Load `spec` for a model whose input is (N, *input_shape) with `num_classes` outputs.
 
-    mean/std per channel come from the training split unless given. `flip` None takes the source's default
-    (off for digits); `pad` None is max(1, round(H/8)) pixels of crop padding. Raises DataError."""
+    mean/std per channel come from the training split unless given; `geometry` resizes and crops the images to the
+    model's H×W (pipeline.preprocessing.resolve checked that it produces that size). `flip` None takes the source's
+    default (off for digits); `pad` None is max(1, round(H/8)) pixels of crop padding. Raises DataError."""
     try:
         c, h, w = (int(v) if v is not None else -1 for v in input_shape)
     except (TypeError, ValueError):
@@ -446,7 +475,7 @@ def load_data(
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     scheme, arg = parse_spec(spec)
-    raw = _SOURCES[scheme](arg, (c, h, w))
+    raw = _SOURCES[scheme](arg, (c, h, w), geometry)
     if raw.x.shape[1:] != (c, h, w):
         raise DataError(f"source {scheme} produced images of shape {tuple(raw.x.shape[1:])}, expected {(c, h, w)}")
     if len(raw.y) == 0:
@@ -483,6 +512,7 @@ def load_data(
         resize=raw.resize,
         scale=raw.scale,
         default_flip=raw.default_flip,
+        geometry=geometry,
     )
 
 

@@ -17,19 +17,33 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import BadInputError, DataError
+from pipeline.geometry import Geometry, parse_size
 
 if TYPE_CHECKING:  # pipeline.data (torch) loads only where images are: reading the record stays light (publish)
     from pipeline.data import DataSplits
 
-__all__ = ["LABELS_KEY", "PREPROCESSING_KEY", "Preprocessing", "describe_splits", "load_image", "normalization"]
+__all__ = ["LABELS_KEY", "PREPROCESSING_KEY", "PRESETS", "Preprocessing", "Resolved", "describe_splits", "load_image",
+           "resolve"]
 
 PREPROCESSING_KEY = "force_compress.preprocessing"  # metadata_props keys; values are JSON
 LABELS_KEY = "force_compress.labels"
-FORMAT = 1  # the preprocessing record's version: a reader refuses a newer one
-# Where a run's mean/std came from, first that applies: the options, the input file's own record, the data.
+FORMAT = 2  # the preprocessing record's version: a reader refuses a newer one (2 added `geometry`)
+# Where a run's preprocessing came from, per part, first that applies: the options, a named preset, the input file's
+# own record, else the data (mean/std: the training split's) or a straight resize to the model's input (geometry).
+FROM_OPTIONS = "the options"
+FROM_MODEL = "the input model's force_compress.preprocessing metadata"
 NORMALIZATION_FROM_OPTIONS = "--mean/--std"
-NORMALIZATION_FROM_MODEL = "the input model's force_compress.preprocessing metadata"
+NORMALIZATION_FROM_MODEL = FROM_MODEL
 NORMALIZATION_FROM_DATA = "the training split"
+GEOMETRY_DEFAULT = "default (straight resize to the model's input)"
+
+# Named presets: torchvision's ImageNet eval transform (ResNet50_Weights.IMAGENET1K_V1.transforms(), and most
+# torchvision and timm ImageNet classifiers): shorter side to 256 bilinear, centre crop 224, ImageNet mean/std.
+PRESETS: dict[str, dict] = {
+    "imagenet": {"resize": "256", "crop": "224", "interpolation": "bilinear",
+                 "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+
 
 # The two resize paths of pipeline.data, described for a reader that re-implements them without this package.
 _RESIZE = {
@@ -60,7 +74,9 @@ class Preprocessing:
     resize: str = "torch"  # "torch" | "pillow": which of pipeline.data's paths the training images took
     scale: str = "8-bit / 255"  # how the source's stored values became [0, 1]
     source: str = ""
-    normalization: str = NORMALIZATION_FROM_DATA  # where mean/std came from (pipeline.preprocessing.normalization)
+    normalization: str = NORMALIZATION_FROM_DATA  # where mean/std came from (resolve)
+    geometry: Geometry = Geometry()  # resize and crop before the model's H×W (resolve)
+    geometry_from: str = GEOMETRY_DEFAULT
 
     @property
     def colour(self) -> str:
@@ -74,6 +90,7 @@ class Preprocessing:
             "resize": _RESIZE[self.resize],
             "mean": list(self.mean), "std": list(self.std), "normalize": "(x - mean) / std, per channel",
             "normalization_from": self.normalization, "source": self.source,
+            "geometry": {**self.geometry.to_dict(), "from": self.geometry_from},
         }
 
     def metadata_props(self) -> dict[str, str]:
@@ -94,7 +111,9 @@ class Preprocessing:
             prep = cls(tuple(int(v) for v in d["input_size"]), tuple(float(v) for v in d["mean"]),
                        tuple(float(v) for v in d["std"]), tuple(str(v) for v in labels), resize,
                        scale=str(d.get("scale", "")), source=str(d.get("source", "")),
-                       normalization=str(d.get("normalization_from", NORMALIZATION_FROM_DATA)))
+                       normalization=str(d.get("normalization_from", NORMALIZATION_FROM_DATA)),
+                       geometry=Geometry.from_dict(d.get("geometry")),
+                       geometry_from=str((d.get("geometry") or {}).get("from", GEOMETRY_DEFAULT)))
             if resize not in _RESIZE or len(prep.input_size) != 3 or not (
                     len(prep.mean) == len(prep.std) == prep.input_size[0]) or min(prep.std) <= 0:
                 raise ValueError(f"resize {resize!r}, input size {prep.input_size}, {len(prep.mean)} means, "
@@ -106,26 +125,88 @@ class Preprocessing:
 
 def describe_splits(splits: DataSplits) -> Preprocessing:
     return Preprocessing(splits.input_shape, splits.mean, splits.std, splits.class_names, splits.resize, splits.scale,
-                         splits.source, splits.normalization)
+                         splits.source, splits.normalization, splits.geometry, splits.geometry_from)
 
 
-def normalization(mean, std, props: Mapping[str, str], channels: int,
-                  what: str = "the input model") -> tuple[tuple | None, tuple | None, str]:
-    """(mean, std, where they came from) for a model whose input has `channels` channels, in this order: the options
-    (`mean`/`std`), the model file's own preprocessing record (`props`: its metadata_props), else (None, None): the
-    training split's, computed by pipeline.data. A record that does not fit the model is BadInputError (exit 2)."""
+@dataclass(frozen=True)
+class Resolved:
+    """A run's preprocessing before the data is opened: mean/std (None: the training split's) and the geometry,
+    each with where it came from."""
+
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    normalization: str
+    geometry: Geometry
+    geometry_from: str
+
+
+_GEOMETRY_PARTS = ("resize", "crop", "interpolation")
+
+
+def resolve(options: Mapping, props: Mapping[str, str] | None = None, channels: int | None = None,
+            hw: tuple[int, int] | None = None, what: str = "the input model") -> Resolved:
+    """The preprocessing of a run, part by part from the first source that states it: the options (`options`:
+    mean, std, resize, crop, interpolation, None where not given), the preset named by options['preprocessing'],
+    the model file's own record (`props`: its metadata_props), else the defaults. With `channels` and `hw` (the
+    model's input) it is checked against the model too. Anything contradictory is BadInputError (exit 2)."""
+    preset_name = options.get("preprocessing")
+    if preset_name is not None and preset_name not in PRESETS:
+        raise BadInputError(f"unknown preprocessing preset {preset_name!r}; choose one of {', '.join(PRESETS)}, or "
+                            "state it with --mean/--std/--resize/--crop/--interpolation")
+    preset = PRESETS.get(preset_name, {})
+    preset_from = f"preset {preset_name}"
+    record = None
+    if props is not None and PREPROCESSING_KEY in props:
+        record = Preprocessing.from_metadata(props, what)
+        if channels is not None and record.input_size[0] != channels:
+            raise BadInputError(f"{what}'s {PREPROCESSING_KEY} metadata describes {record.input_size[0]} channel(s) "
+                                f"but its input has {channels}: give --mean and --std")
+
+    if options.get("mean") is not None:
+        mean, std, norm_from = options["mean"], options["std"], NORMALIZATION_FROM_OPTIONS
+    elif preset:
+        mean, std, norm_from = preset["mean"], preset["std"], preset_from
+    elif record is not None:
+        mean, std, norm_from = record.mean, record.std, FROM_MODEL
+    else:
+        mean, std, norm_from = None, None, NORMALIZATION_FROM_DATA
     if mean is not None:
-        if len(mean) != channels or len(std) != channels:
-            raise BadInputError(f"--mean/--std have {len(mean)}/{len(std)} values but {what}'s input has {channels} "
-                                "channel(s): give one value per channel")
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std), NORMALIZATION_FROM_OPTIONS
-    if PREPROCESSING_KEY in props:
-        prep = Preprocessing.from_metadata(props, what)
-        if prep.input_size[0] != channels:
-            raise BadInputError(f"{what}'s {PREPROCESSING_KEY} metadata describes {prep.input_size[0]} channel(s) but "
-                                f"its input has {channels}: give --mean and --std")
-        return prep.mean, prep.std, NORMALIZATION_FROM_MODEL
-    return None, None, NORMALIZATION_FROM_DATA
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != len(std) or not mean:
+            raise BadInputError(f"mean/std from {norm_from} have {len(mean)}/{len(std)} values: one per channel each")
+        if min(std) <= 0:
+            label = "--std" if norm_from == NORMALIZATION_FROM_OPTIONS else f"the std of {norm_from}"
+            raise BadInputError(f"{label} must be positive, got {','.join(f'{v:g}' for v in std)}")
+        if channels is not None and len(mean) != channels:
+            raise BadInputError(f"mean/std from {norm_from} have {len(mean)} values but {what}'s input has "
+                                f"{channels} channel(s): give --mean and --std with one value per channel")
+
+    parts, sources = {}, []
+    recorded = record.geometry.to_dict() if record is not None and not record.geometry.is_default else {}
+    for part in _GEOMETRY_PARTS:
+        for value, source in ((options.get(part), FROM_OPTIONS), (preset.get(part), preset_from),
+                              (recorded.get(part), FROM_MODEL)):
+            if value is not None:
+                parts[part] = value
+                sources.append(source)
+                break
+    geometry = Geometry(
+        None if parts.get("resize") is None else _as_size(parts["resize"], "--resize"),
+        None if parts.get("crop") is None else _square(_as_size(parts["crop"], "--crop")),
+        str(parts.get("interpolation", "bilinear")))
+    geometry_from = " and ".join(dict.fromkeys(sources)) or GEOMETRY_DEFAULT
+    geometry.check(f"the preprocessing (from {geometry_from})")
+    if hw is not None:
+        geometry.check_model(hw, what)
+    return Resolved(mean, std, norm_from, geometry, geometry_from)
+
+
+def _as_size(value, what: str) -> tuple[int, ...]:
+    return parse_size(value, what) if isinstance(value, str) else tuple(int(v) for v in value)
+
+
+def _square(size: tuple[int, ...]) -> tuple[int, int]:
+    return (size[0], size[0]) if len(size) == 1 else size
 
 
 # --- applying it to a file --------------------------------------------------------------------------------------
@@ -146,11 +227,12 @@ def load_image(path: str | os.PathLike, prep: Preprocessing) -> np.ndarray:
         if path.suffix.lower() == ".npy":
             x = _npy_image(path, prep)
         elif prep.resize == "pillow":
-            x = _scaled(read_image(path, "L" if c == 1 else "RGB", (h, w)))
+            x = _scaled(read_image(path, "L" if c == 1 else "RGB", (h, w), prep.geometry))
         else:
             x = _file_image(path)
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(0)
-        x = fit_images(x, (c, h, w), str(path))
+        # the pillow path's images are at H×W already; fit_images's default geometry then only maps channels
+        x = fit_images(x, (c, h, w), str(path), prep.geometry if x.shape[-2:] != (h, w) else Geometry())
     except BadInputError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a broken file
@@ -204,5 +286,5 @@ def _npy_image(path: Path, prep: Preprocessing) -> np.ndarray:
 
         c, h, w = prep.input_size
         im = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
-        return _scaled(read_image(im, "L" if c == 1 else "RGB", (h, w)))
+        return _scaled(read_image(im, "L" if c == 1 else "RGB", (h, w), prep.geometry))
     return _as_stored(a)

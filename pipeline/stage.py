@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 from pipeline.config import CompressConfig, ConfigView
 
 # the opened data's source, split, order and normalisation: read by every stage that gets it
-DATA_FIELDS = frozenset({"data", "val_fraction", "seed", "mean", "std"})
+DATA_FIELDS = frozenset({"data", "val_fraction", "seed", "mean", "std", "preprocessing", "resize", "crop",
+                         "interpolation"})
 
 
 @runtime_checkable

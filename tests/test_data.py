@@ -180,7 +180,7 @@ def test_dynamic_input_and_too_few_outputs_refused():
 
 def test_register_source_extends_specs():
     @register_source("ones")
-    def _ones(arg, shape):
+    def _ones(arg, shape, geometry):
         c, h, w = shape
         return data.RawData(torch.ones(int(arg or 20), c, h, w), torch.arange(int(arg or 20)) % 2, ("a", "b"))
 
@@ -192,10 +192,10 @@ def test_register_source_extends_specs():
 
 
 def test_register_source_refuses_a_scheme_twice():
-    def first(arg, shape):
+    def first(arg, shape, geometry):
         return data.RawData(torch.ones(4, *shape), torch.arange(4) % 2, ("a", "b"))
 
-    def second(arg, shape):
+    def second(arg, shape, geometry):
         return data.RawData(torch.zeros(4, *shape), torch.arange(4) % 2, ("a", "b"))
 
     try:

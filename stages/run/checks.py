@@ -13,7 +13,7 @@ from pipeline.config import CompressConfig
 from pipeline.data import DataSplits, load_data
 from pipeline.devices import resolve_device
 from pipeline.errors import NetworkCutError
-from pipeline.preprocessing import normalization
+from pipeline.preprocessing import resolve
 from stages import compute_masks, cut_channels, import_onnx
 from stages.onnx_convert import runtime
 from stages.onnx_convert.model_io import load_checked
@@ -43,18 +43,25 @@ class Request:
     data: DataSplits = field(repr=False, compare=False)
     input_top1: float | None = None  # the input model on the held-out split (onnxruntime, as validation scores)
     input_top5: float | None = None
+    recipe: str = "scratch"  # the training recipe the run uses (`recipe_for`)
+    recipe_reason: str = ""
 
-    def baseline_for(self, config: CompressConfig) -> CompressConfig:
-        """`config` with the input's top-1 as the baseline of --max-drop when none is given."""
+    def settle(self, config: CompressConfig) -> CompressConfig:
+        """`config` as this request runs it: under its recipe, and with the input's top-1 as the baseline of
+        --max-drop when none is given."""
+        config = config.with_recipe(self.recipe)
         if config.max_drop is None or config.baseline_accuracy is not None or self.input_top1 is None:
             return config
         return config.model_copy(update={"baseline_accuracy": self.input_top1})
 
     def describe_input(self, config: CompressConfig) -> list[str]:
-        """What the checks found about the input, one line each: its score, and a warning when --max-drop would be
-        measured from a score near chance."""
+        """What the checks found about the input, one line each: its score, the preprocessing and the recipe, and a
+        warning when --max-drop would be measured from a score near chance."""
         lines = [f"input model: top-1 {self.input_top1:.4f}, top-5 {self.input_top5:.4f} on {len(self.data.val)} "
-                 f"held-out images (onnxruntime), normalised with mean/std from {self.data.normalization}"]
+                 f"held-out images (onnxruntime)",
+                 f"preprocessing: {self.data.geometry.describe()} (from {self.data.geometry_from}); mean/std from "
+                 f"{self.data.normalization}",
+                 self.recipe_reason]
         if config.max_drop is not None and config.baseline_accuracy is None and self.looks_untrained:
             lines.append(f"warning: the input scores {self.input_top1:.4f} with {self.num_classes} classes, near "
                          "chance: it looks untrained or given the wrong preprocessing (--mean/--std), so --max-drop "
@@ -65,6 +72,25 @@ class Request:
     @property
     def looks_untrained(self) -> bool:
         return self.input_top1 is not None and self.input_top1 < 2.0 / max(self.num_classes, 2)
+
+
+def finetune_threshold(num_classes: int) -> float:
+    """The held-out top-1 from which `--recipe auto` takes an input as trained: 3× chance (0.3 with 10 classes,
+    0.003 with 1000), at most halfway from chance to 1 (0.75 with 2 classes)."""
+    chance = 1.0 / max(num_classes, 1)
+    return min(3.0 * chance, chance + 0.5 * (1.0 - chance))
+
+
+def recipe_for(config: CompressConfig, top1: float, num_classes: int) -> tuple[str, str]:
+    """(recipe, one line saying why): `--recipe auto` fine-tunes an input that scores well above chance."""
+    if config.recipe != "auto":
+        return config.recipe, f"recipe: {config.recipe} (--recipe)"
+    threshold = finetune_threshold(num_classes)
+    if top1 >= threshold:
+        return "finetune", (f"recipe: finetune (auto: the input scores {top1:.4f}, at least {threshold:.3f}, 3x "
+                            "chance: its trained weights are kept; --recipe scratch trains as from initialization)")
+    return "scratch", (f"recipe: scratch (auto: the input scores {top1:.4f}, under {threshold:.3f}, 3x chance: "
+                       "it looks untrained)")
 
 
 def run_fingerprint(config: CompressConfig, stages=RUN_DIR_STAGES) -> dict:
@@ -84,17 +110,19 @@ def check_request(config: CompressConfig) -> Request:
     if config.quantize == "int8":
         check_not_quantized(model, Path(config.model).name)
     _, input_shape, num_classes = classifier_io(model, config.image_size)
-    mean, std, source = normalization(config.mean, config.std, {p.key: p.value for p in model.metadata_props},
-                                      input_shape[0], Path(config.model).name)
+    prep = resolve(config.preprocessing_options(), {p.key: p.value for p in model.metadata_props}, input_shape[0],
+                   input_shape[1:], Path(config.model).name)
     data = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                     seed=config.seed, augment=False, mean=mean, std=std)
-    data = replace(data, normalization=source)
+                     seed=config.seed, augment=False, mean=prep.mean, std=prep.std, geometry=prep.geometry)
+    data = replace(data, normalization=prep.normalization, geometry_from=prep.geometry_from)
     check_registry(config.registry)
     check_writable_dir(config.runs_dir, "runs-dir")
     source_sha = sha256_file(config.model)
-    run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(config))
     top1, top5 = accuracy(runtime.session(config.model, device=resolve_device(config.device)), data.val)
-    return Request(str(config.model), source_sha, input_shape, num_classes, str(run_dir), data, top1, top5)
+    recipe, why = recipe_for(config, top1, num_classes)
+    request = Request(str(config.model), source_sha, input_shape, num_classes, "", data, top1, top5, recipe, why)
+    run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(request.settle(config)))
+    return replace(request, run_dir=str(run_dir))
 
 
 def hand_over(config: CompressConfig, request: Request) -> None:

@@ -65,7 +65,9 @@ class RunSummary:
     reused: tuple[str, ...] = ()  # stages whose cached result was reused, in run order
     input_top1: float | None = None  # the input model on the same held-out split, scored before any work
     baseline_accuracy: float | None = None  # what --max-drop was measured from (None: no --max-drop)
-    normalization: str = ""  # where the input's mean/std came from (options, the input's metadata, the data)
+    normalization: str = ""  # where the input's mean/std came from (options, a preset, the input's metadata, data)
+    geometry: str = ""  # the resize and crop before the model's input, and where they came from
+    recipe: str = ""  # the training recipe run (scratch or finetune), and why
     report: ValidationReport | None = field(default=None, repr=False, compare=False)  # in memory only
 
     @property
@@ -140,7 +142,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
     published), as does `publish_result=False` (a sweep's cells: the sweep publishes one). Bad input found by a
     stage removes the run directory this call created."""
     request = request or checked_request(config)
-    config = request.baseline_for(config)  # --max-drop without --baseline-accuracy: from the input's own score
+    config = request.settle(config)  # its recipe; --max-drop without --baseline-accuracy: from the input's score
     run_dir = Path(request.run_dir)
     created = [p for p in (Path(config.runs_dir), run_dir) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         costs=report.costs, forms=[_form_summary(f) for f in report.forms], reused=tuple(step.reused),
         input_top1=request.input_top1, baseline_accuracy=config.baseline_accuracy if config.max_drop is not None
         else None, normalization=data.normalization, report=report,
+        geometry=f"{data.geometry.describe()} (from {data.geometry_from})", recipe=request.recipe_reason,
     )
     write_json_atomic(run_dir / RunFiles.SUMMARY, summary.to_dict())
     return summary

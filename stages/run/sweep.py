@@ -91,8 +91,8 @@ def plan_sweep(fields: dict, sparsities, methods, jobs: int = 1) -> SweepPlan:
     given = {k: v for k, v in fields.items() if k not in ("sparsity", "method")}
     configs = tuple(make_config(**given, method=m, sparsity=s) for m in methods for s in sparsities)
     first = checked_request(configs[0])  # model, data, registry, devices: the same for every cell, checked once
-    requests = tuple(replace(first, run_dir=str(run_dir_for(c.runs_dir, first.source_sha256, run_fingerprint(c))))
-                     for c in configs)
+    requests = tuple(replace(first, run_dir=str(run_dir_for(c.runs_dir, first.source_sha256,
+                                                            run_fingerprint(first.settle(c))))) for c in configs)
     key = sha256_json({"cells": [r.run_dir for r in requests], "baseline": configs[0].baseline_accuracy,
                        "max_drop": configs[0].max_drop})
     sweep_dir = Path(configs[0].runs_dir) / f"sweep-{first.source_sha256[:12]}-{key[:12]}"
@@ -114,6 +114,7 @@ BASELINE_STAGES = (import_onnx.STAGE, sparse_train.STAGE)
 
 def baseline_run_dir(config: CompressConfig, request: Request) -> Path:
     """Keyed on the model and the fields of import and training: every sweep with the same recipe shares it."""
+    config = config.with_recipe(request.recipe)
     return run_dir_for(config.runs_dir, request.source_sha256, {"dense": run_fingerprint(config, BASELINE_STAGES)})
 
 
@@ -122,6 +123,7 @@ def train_baseline(config: CompressConfig, request: Request, run_stage: RunStage
     """Train the dense network with `config`'s training recipe (the cells' budget) in its own cached run directory;
     its held-out top-1 (torch, the split validation scores) is the baseline."""
     run_dir = baseline_run_dir(config, request)
+    config = config.with_recipe(request.recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     step = Runner(config.model_copy(update={"cut_check": False}), run_stage, str(run_dir), on_reused)
     trained = train_steps(step, request, masks_stage=DENSE_MASKS, cut=False).trained

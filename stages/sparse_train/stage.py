@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.artifacts import RunFiles
 from pipeline.stage import DATA_FIELDS, Stage
-from stages.sparse_train.training import TrainResult, sparse_train
+from stages.sparse_train.training import TrainResult, preprocessing_of, sparse_train
 from stages.sparse_train.worker import launches, sparse_train_processes
 
 
@@ -15,7 +15,7 @@ def train_stage(graph: str, masks, config, run_dir: str, data) -> TrainResult:
     its `masks_path`). Several processes load the data each in their own process; one trains on `data`."""
     masks_path = str(masks.masks_path)
     if launches(config.nproc):  # data-parallel: torchrun runs the training in nproc processes, this one waits
-        return sparse_train_processes(graph, masks_path, config, run_dir, normalization=(data.mean, data.std))
+        return sparse_train_processes(graph, masks_path, config, run_dir, preprocessing=preprocessing_of(data))
     return sparse_train(graph, masks_path, config, run_dir, data=data)
 
 

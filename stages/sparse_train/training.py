@@ -13,6 +13,7 @@ pipeline and force_core only (no prefect, no click, no flows).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -38,6 +39,7 @@ from pipeline.config import CompressConfig
 from pipeline.data import DataSplits, TensorImageDataset, augmented, load_data, make_loader
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, DataError
+from pipeline.geometry import Geometry
 from pipeline.plotting import drawn_alone
 from stages.onnx_convert.mask_file import load_masks
 from stages.onnx_convert.scoring import classifier_io
@@ -252,7 +254,8 @@ def _fingerprint(config: CompressConfig, world_size: int, splits: DataSplits) ->
             "data", "val_fraction", "augment", "image_size")
     fp = {k: getattr(config, k) for k in keys}
     fp["image_size"] = list(fp["image_size"]) if fp["image_size"] else None
-    fp.update(world_size=world_size, n_train=len(splits.train), n_val=len(splits.val))
+    fp.update(world_size=world_size, n_train=len(splits.train), n_val=len(splits.val),
+              preprocessing=json.loads(json.dumps(preprocessing_of(splits))))
     return fp
 
 
@@ -476,6 +479,11 @@ def model_io(normalized_path: str | os.PathLike, image_size: tuple[int, int] | N
     return shape, num_classes
 
 
+def preprocessing_of(data: DataSplits) -> dict:
+    """What a process that loads the data itself needs to prepare it as `data` was (JSON: a torchrun request)."""
+    return {"mean": list(data.mean), "std": list(data.std), "geometry": data.geometry.to_dict()}
+
+
 def sparse_train(
     normalized_path: str | os.PathLike,
     masks_path: str | os.PathLike,
@@ -485,20 +493,21 @@ def sparse_train(
     progress: bool = True,
     max_epochs_this_call: int | None = None,
     data: DataSplits | None = None,
-    normalization: tuple | None = None,
+    preprocessing: dict | None = None,
 ) -> TrainResult:
     """Rebuild the module from `normalized_path` (ONNX import's deterministic re-conversion), load the masks, train
     on `data` (the run's opened data, augmented here as `config.augment` says; None: `config.data` is loaded, as a
-    worker process of a data-parallel run does, normalised with `normalization` = (mean, std) when given, else with
-    the training split's statistics), write run_dir/trained.pt."""
+    worker process of a data-parallel run does, with `preprocessing` (`preprocessing_of` the run's data) when given,
+    else the training split's mean/std and a straight resize), write run_dir/trained.pt."""
     module, param_map = load_module(normalized_path)
     maskset = load_masks(masks_path, param_map)
     norms = add_train_norm(module) if config.train_norm else []
     if data is None:
         shape, num_classes = model_io(normalized_path, config.image_size)
-        mean, std = normalization or (None, None)
+        prep = preprocessing or {}
         splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                           seed=config.seed, augment=config.augment, mean=mean, std=std)
+                           seed=config.seed, augment=config.augment, mean=prep.get("mean"), std=prep.get("std"),
+                           geometry=Geometry.from_dict(prep.get("geometry")))
     else:
         splits = augmented(data, config.augment)
     result = train_module(module, maskset, splits, config, run_dir, progress=progress,
@@ -512,5 +521,5 @@ def sparse_train(
     return result
 
 
-__all__ = ["TrainResult", "evaluate", "hold_masks", "make_optimizer", "model_io", "sparse_train", "train_module",
-           "train_step"]
+__all__ = ["TrainResult", "evaluate", "hold_masks", "make_optimizer", "model_io", "preprocessing_of", "sparse_train",
+           "train_module", "train_step"]

@@ -81,14 +81,14 @@ def launches(nproc: int) -> bool:
 
 def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str | os.PathLike,
                            config: CompressConfig | ConfigView, run_dir: str | os.PathLike, *,
-                           nproc: int | None = None, normalization: tuple | None = None):
+                           nproc: int | None = None, preprocessing: dict | None = None):
     """Stage: `sparse_train` data-parallel on `nproc` (default `config.nproc`) processes of this machine under
     `torchrun --standalone`; returns rank 0's TrainResult. Rank 0's lines (the per-epoch progress) go to this
     process's stderr as they come. A worker's ForceCompressError is raised here as the same class (exit 2 stays
     exit 2); any other failure raises RuntimeError with the workers' last lines. The torchrun runs in its own
     session and dies with this process: an exception or Ctrl-C here stops it and its workers, and so does a kill
-    of this process (the parent-death signal, on Linux). `normalization`: the (mean, std) the run's opened data
-    uses, which each process applies to the data it loads."""
+    of this process (the parent-death signal, on Linux). `preprocessing`: the mean, std and geometry of the run's
+    opened data (`preprocessing_of`), which each process applies to the data it loads."""
     nproc = int(nproc or config.nproc)
     check_nproc(nproc, config.device)
     run_dir_path = Path(run_dir)
@@ -104,7 +104,7 @@ def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str |
     write_json_atomic(run_dir_path / REQUEST, {
         "normalized_path": str(normalized_path), "masks_path": str(masks_path), "run_dir": str(run_dir),
         "cwd": os.getcwd(), "config": json.loads(json.dumps(values, default=list)), "fields": fields,
-        "normalization": [list(v) for v in normalization] if normalization else None,
+        "preprocessing": preprocessing,
     })
     rendezvous = [] if multi_node() else ["--standalone"]
     # The shim sets the parent-death signal, then becomes torchrun: a killed parent leaves no torchrun behind.
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if request.get("cwd") and Path(request["cwd"]).is_dir():
             os.chdir(request["cwd"])  # the parent's relative paths (runs/…) mean the same here
         result = sparse_train(request["normalized_path"], request["masks_path"], _config(request),
-                              request["run_dir"], progress=rank == 0, normalization=request.get("normalization"))
+                              request["run_dir"], progress=rank == 0, preprocessing=request.get("preprocessing"))
         if rank == 0:
             write_bytes_atomic(Path(request["run_dir"]) / RESULT, pickle.dumps(result))
     except ForceCompressError as e:
