@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from pipeline.config import CompressConfig, make_config
-from pipeline.errors import GateFailedError, NetworkCutError
+from pipeline.errors import GateFailedError, RunStoppedError
 from stages.measure.report import layer_table
 from stages.run.calls import StageCall, describe
 from stages.run.checks import checked_request
@@ -88,7 +88,7 @@ def _compress(**params) -> dict:
         logger.info(line)
     try:
         summary = run_all(config, run_stage_as_task, request=request, on_reused=log_reused)
-    except NetworkCutError as e:  # stopped before training: a failed run with one line, not a traceback in the log
+    except RunStoppedError as e:  # cut network, diverged training: a failed run with one line, not a traceback
         return Failed(message=str(e), data=e)  # the caller still gets the exception (exit 1)
     report = summary.report
     create_markdown_artifact(markdown=Path(report.report_md).read_text(), key="force-compress-report",

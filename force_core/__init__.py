@@ -20,10 +20,18 @@ from force_core.params import PRUNABLE_LAYER_TYPES, prunable_parameters
 from force_core.progress import density_schedule, kept_count
 from force_core.registry import available_methods, data_free_methods, get_method, needs_data, register_method
 from force_core.select import keep_top_k_
-from force_core.train_norm import TrainNorm, add_train_norm, fold_train_norm
+from force_core.train_norm import (
+    CALIBRATION_BATCHES,
+    TrainNorm,
+    add_train_norm,
+    calibrate_train_norm,
+    fold_train_norm,
+    recalibrate_train_norm,
+)
 from force_core.training import MaskEnforcer, apply_masks_
 
 __all__ = [
+    "CALIBRATION_BATCHES",
     "PRUNABLE_LAYER_TYPES",
     "ChannelContext",
     "ChannelGroup",
@@ -35,6 +43,8 @@ __all__ = [
     "PruningContext",
     "TrainNorm",
     "add_train_norm",
+    "calibrate_train_norm",
+    "recalibrate_train_norm",
     "apply_masks_",
     "available_methods",
     "channel_element_masks",

@@ -26,6 +26,7 @@ _NORMS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalRespons
 _BN_FOR_CONV = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SUFFIX = "__train_norm"
 _EPS = nn.BatchNorm2d(1).eps  # every inserted BatchNorm keeps torch's default epsilon
+CALIBRATION_BATCHES = 4  # batches `calibrate_train_norm` is given (masks and training alike: the first mask batches)
 
 
 class FeatureBatchNorm(nn.BatchNorm1d):
@@ -118,6 +119,78 @@ def add_train_norm(gm: fx.GraphModule) -> list[TrainNorm]:
         added.append(TrainNorm(layer=_param_prefix(gm, layer), norm=name))
     gm.recompile()
     return added
+
+
+@torch.no_grad()
+def calibrate_train_norm(gm: nn.Module, norms: list[TrainNorm], inputs) -> None:
+    """Make each inserted BatchNorm the identity on `inputs` (an iterable of input batches) instead of at the start:
+    running mean and variance become the layer output's per-feature statistics over them, β that mean and γ
+    √(variance + ε). The network then computes what it computed without the norms (trained weights keep their
+    function: their folded BatchNorm statistics stay in force), while training still normalises with batch
+    statistics. The norms are calibrated together, in one pass, in eval mode (where the identity-initialised
+    ones pass their input through, up to 1/√(1 + ε))."""
+    if not norms:
+        return
+    modules = dict(gm.named_modules())
+    sums: dict[str, list] = {}
+
+    def hook(module, args, name):
+        x = args[0].detach().double()
+        flat = x.reshape(-1, x.shape[-1]) if isinstance(module, FeatureBatchNorm) else \
+            x.transpose(0, 1).reshape(x.shape[1], -1).T
+        s = sums.setdefault(name, [0.0, 0.0, 0])
+        s[0] = s[0] + flat.sum(0)
+        s[1] = s[1] + (flat * flat).sum(0)
+        s[2] += flat.shape[0]
+
+    handles = [modules[n.norm].register_forward_pre_hook(lambda m, a, name=n.norm: hook(m, a, name)) for n in norms]
+    was_training = gm.training
+    gm.eval()
+    try:
+        for x in inputs:
+            gm(x)
+    finally:
+        for h in handles:
+            h.remove()
+        gm.train(was_training)
+    for n in norms:
+        norm = modules[n.norm]
+        total, squares, count = sums[n.norm]
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_(min=0.0)
+        like = norm.running_mean
+        norm.running_mean.copy_(mean.to(like))
+        norm.running_var.copy_(var.to(like))
+        norm.weight.copy_(torch.sqrt(var + norm.eps).to(like))
+        norm.bias.copy_(mean.to(like))
+
+
+@torch.no_grad()
+def recalibrate_train_norm(gm: nn.Module, norms: list[TrainNorm], inputs) -> None:
+    """Re-estimate the inserted BatchNorms' running statistics on `inputs` (an iterable of input batches), their γ
+    and β kept: after pruning a network whose norms `calibrate_train_norm` fitted to its dense activations, each norm
+    then maps the pruned network's activations back to the dense network's statistics in eval mode too (what it
+    does with batch statistics in training), so the pruned trained network works before any training step. The
+    other modules stay in eval mode; the statistics are plain averages over the batches."""
+    if not norms:
+        return
+    modules = dict(gm.named_modules())
+    was_training = gm.training
+    gm.eval()
+    saved = []
+    for n in norms:
+        norm = modules[n.norm]
+        saved.append((norm, norm.momentum))
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+        norm.train()
+    try:
+        for x in inputs:
+            gm(x)
+    finally:
+        for norm, momentum in saved:
+            norm.momentum = momentum
+        gm.train(was_training)
 
 
 def _param_prefix(gm: nn.Module, layer: nn.Module) -> str:

@@ -297,7 +297,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     \b
     Exit codes:
       0  published
-      1  validation gate failed, or the masks cut the network (nothing published)
+      1  validation gate failed, the masks cut the network, or training diverged (nothing published)
       2  bad input (model, data, options), checked before any work where it can be
       3  environment (CUDA asked for but absent, no Prefect API)
       4  internal error (traceback in the run directory's error.txt)"""

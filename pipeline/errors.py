@@ -24,9 +24,17 @@ class GateFailedError(ForceCompressError):
         self.summary = summary
 
 
-class NetworkCutError(GateFailedError):
-    """The masks leave (nearly) no kept weight on an input→output path: stopped before training, nothing
-    published; the masks stay in the run directory for inspection."""
+class RunStoppedError(GateFailedError):
+    """The run stopped before validation because what it made cannot pass: nothing published, the run's files stay
+    in its directory for inspection."""
+
+
+class NetworkCutError(RunStoppedError):
+    """The masks leave (nearly) no kept weight on an input→output path: stopped before training."""
+
+
+class TrainingDivergedError(RunStoppedError):
+    """The training loss stopped being a finite number: stopped before the epoch's checkpoint."""
 
 
 class BadInputError(ForceCompressError):

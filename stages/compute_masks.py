@@ -57,12 +57,13 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         density: float, steps: int | None = None, schedule: str = "exp",
                         batches: Iterable | None = None, batches_per_step: int = 1, seed: int = 0,
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
-                        on_collapse: str = "nested", collapse_ratio: float | None = None,
+                        calibrate_norms: bool = False, on_collapse: str = "nested", collapse_ratio: float | None = None,
                         min_per_layer: int = 0, structure: str = "unstructured",
                         channel_multiple: int = 1) -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
-    `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses).
+    `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses);
+    `calibrate_norms`: made the identity on the first batches (trained weights: their function is what is scored).
     `min_per_layer`: weights every layer keeps at least, lowered to what k allows (fewer kept weights than
     layers leave some layer empty whatever the method; the cut check reports it).
     `structure="channel"`: whole channel groups (from the graph's dependency analysis) are kept or pruned; the
@@ -84,6 +85,9 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     module, param_map = load_module(normalized_path)
     norms = force_core.add_train_norm(module) if train_norm else []
     module.to(device)
+    if calibrate_norms:
+        calibration = batches[:force_core.CALIBRATION_BATCHES]
+        force_core.calibrate_train_norm(module, norms, (x.to(device) for x, _ in calibration))
     n_weights = sum(p.numel() for n, p in module.named_parameters() if n in set(param_map.prunable))
     min_per_layer = min(min_per_layer, force_core.kept_count(density, n_weights) // max(1, len(param_map.prunable)))
     started = time.perf_counter()
@@ -236,7 +240,8 @@ def masks_stage(normalized_path: str, run_dir: str, config, data) -> MaskResult:
             normalized_path, Path(run_dir) / RunFiles.MASKS, method=config.method, density=config.density,
             steps=config.steps, schedule=config.schedule, batches=batches,
             batches_per_step=config.mask_batches_per_step, seed=config.seed, progress=progress,
-            device=resolve_device(config.device), train_norm=config.train_norm, on_collapse=config.on_collapse,
+            device=resolve_device(config.device), train_norm=config.train_norm,
+            calibrate_norms=config.recipe == "finetune", on_collapse=config.on_collapse,
             min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
         )
     finally:
@@ -246,4 +251,4 @@ def masks_stage(normalized_path: str, run_dir: str, config, data) -> MaskResult:
 STAGE = Stage("masks", masks_stage, outputs=(RunFiles.MASKS, RunFiles.MASKS_META),
               reads=DATA_FIELDS | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
                                    "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple",
-                                   "train_norm", "device"})
+                                   "train_norm", "recipe", "device"})

@@ -17,7 +17,7 @@ from pipeline.config import make_config
 from pipeline.data import load_data
 from pipeline.errors import BadInputError
 from pipeline.geometry import Geometry
-from pipeline.preprocessing import PRESETS, PREPROCESSING_KEY, Preprocessing, load_image, resolve
+from pipeline.preprocessing import PREPROCESSING_KEY, PRESETS, Preprocessing, load_image, resolve
 
 # (width, height): landscape, portrait, square, a shorter side under 256 (upscaled), a panorama, an odd size
 SIZES = [(400, 300), (260, 500), (256, 256), (240, 180), (640, 200), (333, 517)]

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from pipeline.artifacts import RunFiles, atomic_path, run_dir_for, sha256_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig, make_config
-from pipeline.errors import BadInputError, NetworkCutError
+from pipeline.errors import BadInputError, RunStoppedError
 from pipeline.plotting import drawn_alone
 from pipeline.stage import Stage
 from stages import compute_masks, import_onnx, publish
@@ -173,8 +173,9 @@ def _cell(summary: dict, baseline: float | None) -> Cell:
                 reused=tuple(summary.get("reused", ())))
 
 
-def _cut_cell(config: CompressConfig, run_dir: str, error: NetworkCutError) -> Cell:
-    """A cell whose masks cut the network: stopped before training, a failed cell (the others go on)."""
+def _stopped_cell(config: CompressConfig, run_dir: str, error: RunStoppedError) -> Cell:
+    """A cell stopped before validation (masks that cut the network, a diverged training): a failed cell (the
+    others go on)."""
     return Cell(method=config.method, target_sparsity=config.sparsity, sparsity=config.sparsity, top1=0.0, drop=None,
                 passed=False, failures=(str(error).split(";")[0],), size=None, smallest_file=None,
                 smallest_size=None, p50_ms_batch1=None, p50_ms_batch32=None, macs=None, run_dir=run_dir)
@@ -243,8 +244,8 @@ def run_sweep(plan: SweepPlan, run_stage: RunStage, *, on_reused: OnReused | Non
                               publish_result=False)
             reports[i] = summary.report
             cell = _cell({**summary.to_dict(), "method": configs[i].method}, baseline["top1"])
-        except NetworkCutError as e:
-            cell = _cut_cell(configs[i], plan.requests[i].run_dir, e)
+        except RunStoppedError as e:
+            cell = _stopped_cell(configs[i], plan.requests[i].run_dir, e)
         if on_cell is not None:
             on_cell(i, cell)
         return cell

@@ -32,13 +32,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from force_core import MaskEnforcer, TrainNorm, add_train_norm, fold_train_norm
+from force_core import (
+    CALIBRATION_BATCHES,
+    MaskEnforcer,
+    TrainNorm,
+    add_train_norm,
+    calibrate_train_norm,
+    fold_train_norm,
+    recalibrate_train_norm,
+)
 from force_core.train_norm import FeatureBatchNorm
 from pipeline.artifacts import RunFiles, atomic_path, write_json_atomic
 from pipeline.config import CompressConfig
-from pipeline.data import DataSplits, TensorImageDataset, augmented, load_data, make_loader
+from pipeline.data import DataSplits, TensorImageDataset, augmented, load_data, make_loader, mask_batches
 from pipeline.devices import resolve_device
-from pipeline.errors import BadInputError, DataError
+from pipeline.errors import BadInputError, DataError, TrainingDivergedError
 from pipeline.geometry import Geometry
 from pipeline.plotting import drawn_alone
 from stages.onnx_convert.mask_file import load_masks
@@ -251,7 +259,7 @@ def evaluate(module: nn.Module, dataset: TensorImageDataset, *, batch_size: int 
 def _fingerprint(config: CompressConfig, world_size: int, splits: DataSplits) -> dict:
     """What must match for a checkpoint to be resumed (training recipe, data, world size)."""
     keys = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "seed",
-            "data", "val_fraction", "augment", "image_size")
+            "data", "val_fraction", "augment", "image_size", "recipe")
     fp = {k: getattr(config, k) for k in keys}
     fp["image_size"] = list(fp["image_size"]) if fp["image_size"] else None
     fp.update(world_size=world_size, n_train=len(splits.train), n_val=len(splits.val),
@@ -337,7 +345,13 @@ def train_module(
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)
     enforcer = hold_masks(module, masks)
+    calibrate = bool(train_norms) and config.recipe == "finetune"
+    if calibrate:  # trained weights: the norms fit the dense network's activations, then the pruned one's
+        batches = [x.to(device) for x, _ in mask_batches(splits, 128, CALIBRATION_BATCHES, seed=config.seed)]
+        calibrate_train_norm(module, train_norms, batches)
     _apply_(enforcer)
+    if calibrate:
+        recalibrate_train_norm(module, train_norms, batches)
     optimizer = make_optimizer(module, config)
     per_rank_batch = max(1, config.batch_size // world)
     loader = make_loader(splits.train, per_rank_batch, shuffle=True, seed=config.seed, rank=rank, world_size=world)
@@ -411,6 +425,11 @@ def train_module(
         if world > 1:
             dist.all_reduce(sums)
         loss_sum, correct, n = sums.tolist()
+        if not math.isfinite(loss_sum):  # every rank sees the reduced sum: all stop alike
+            raise TrainingDivergedError(
+                f"training diverged: the loss became {loss_sum / n} in epoch {epoch + 1} of {config.epochs} at lr "
+                f"{config.lr:g} ({config.optimizer}); nothing published: give a smaller --lr, or --train-norm for a "
+                "network whose BatchNorm was folded at export")
         val_loss, val_acc = evaluate(module, splits.val, batch_size=max(256, per_rank_batch), device=device)
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
