@@ -7,6 +7,12 @@ running mean 0, variance 1), so masks are computed and training runs with batch 
 networks do; `fold_train_norm` folds it into the layer's weight and bias afterwards, so the exported graph keeps
 exactly the input's nodes and a pruned weight stays exactly 0 (0·scale = 0).
 
+For trained weights (the finetune recipe) the identity at the start is the wrong start: in training mode it
+re-standardises every layer and throws the trained function away. `calibrate_train_norm` fits each norm to the
+dense network's activations instead (the identity on the data), and after pruning `recalibrate_train_norm`
+re-estimates its running statistics on the pruned network, so each norm maps the pruned activations back to the
+dense ones' statistics (BatchNorm recalibration): the pruned trained network works before any training step.
+
 Works on any `torch.fx.GraphModule` (onnx2torch's output is one). Imports torch only.
 """
 

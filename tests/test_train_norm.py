@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx
 
-from force_core import add_train_norm, fold_train_norm
+from force_core import add_train_norm, calibrate_train_norm, fold_train_norm, recalibrate_train_norm
 from force_core.train_norm import FeatureBatchNorm
 
 
@@ -77,6 +77,34 @@ def test_folding_gives_the_trained_network_without_its_norms_and_keeps_pruned_we
     x = torch.randn(8, 1, 8, 8)
     torch.testing.assert_close(plain(x), gm(x), rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(plain.c2.weight[mask == 0]) == 0
+
+
+def test_calibrated_norms_keep_a_trained_function_and_map_a_pruned_one_back_to_its_statistics():
+    gm, ref = _traced(), _traced()
+    added = add_train_norm(gm)
+    batches = [torch.randn(64, 1, 8, 8) + 0.5 for _ in range(3)]
+    calibrate_train_norm(gm, added, batches)
+    gm.eval(), ref.eval()
+    x = torch.randn(16, 1, 8, 8) + 0.5
+    torch.testing.assert_close(gm(x), ref(x), rtol=1e-4, atol=1e-4)  # eval: the dense function, exactly
+
+    def first_norm_output(module):
+        out = {}
+        handle = module.get_submodule(added[0].norm).register_forward_hook(lambda m, a, o: out.setdefault("y", o))
+        module(torch.cat(batches))
+        handle.remove()
+        return out["y"]
+
+    dense = first_norm_output(gm)
+    with torch.no_grad():
+        gm.c1.weight.mul_((torch.rand_like(gm.c1.weight) < 0.5).float())  # prune half of c1
+    shifted = first_norm_output(gm)
+    recalibrate_train_norm(gm, added, batches)
+    assert not gm.training and all(not gm.get_submodule(n.norm).training for n in added)
+    mapped = first_norm_output(gm)
+    for stat in (lambda t: t.mean((0, 2, 3)), lambda t: t.std((0, 2, 3))):
+        assert (stat(mapped) - stat(dense)).abs().max() < 1e-3  # back to the dense statistics, per channel
+        assert (stat(shifted) - stat(dense)).abs().max() > 0.05  # which pruning had moved
 
 
 def test_a_lone_sample_in_training_mode_uses_the_running_statistics():
