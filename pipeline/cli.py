@@ -275,11 +275,10 @@ def _print_summary(summary: dict) -> None:
         before, after = costs["input"], costs["exported"]
         click.echo(f"  parameters {before['params']:,} → {after['params']:,} ({after['nonzero_params']:,} non-zero), "
                    f"MACs per image {before['macs'] / 1e6:,.1f}M → {after['macs'] / 1e6:,.1f}M")
-    for f in summary.get("forms", []):
-        if f["role"] != "input":
-            click.echo(f"  {f['file']:<26} {f['size'] / 1e6:8.3f} MB (gzip {f['gzip_size'] / 1e6:.3f})  top-1 "
-                       f"{f['top1']:.4f}  p50 {f['p50_ms_batch1']:.3f} ms at batch 1, "
-                       f"{f['p50_ms_batch32']:.2f} ms at 32")
+    for f in summary.get("forms", []):  # the input first: its accuracy beside the outputs'
+        click.echo(f"  {f['role']:<8} {f['file']:<26} {f['size'] / 1e6:8.3f} MB (gzip {f['gzip_size'] / 1e6:.3f})  "
+                   f"top-1 {f['top1']:.4f}  p50 {f['p50_ms_batch1']:.3f} ms at batch 1, "
+                   f"{f['p50_ms_batch32']:.2f} ms at 32")
     stages = "  ".join(f"{k} {v:.1f}s" for k, v in summary.get("stage_seconds", {}).items())
     click.echo(f"  stages: {stages}; total {summary.get('seconds', 0):.1f}s")
     click.echo(f"  report: {summary['report_md']}")

@@ -3,6 +3,7 @@ sparsity, the Pareto table and plot, the sparsest passing cell published, exit c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.errors import BadInputError
 from stages.run.sweep import (
     Cell,
@@ -73,12 +76,16 @@ def test_a_cell_stopped_before_training_is_a_failed_row_and_no_point(tmp_path):
 
 
 def test_bad_sparsity_lists_exit_2_with_one_line_before_any_work(tiny_at_init, tmp_path):
-    for bad in ("", "0.9,1.5", "0.9;0.95"):
-        r = _sweep([tiny_at_init, "--sparsities", bad, "--no-prefect"], tmp_path, timeout=60)
-        assert r.returncode == 2, (bad, r.stderr)
-        assert r.stderr.startswith("error: --sparsities") and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = _sweep([tiny_at_init, "--methods", "force,nope", "--no-prefect"], tmp_path, timeout=60)
-    assert r.returncode == 2 and "unknown method 'nope'" in r.stderr
+    r = _sweep([tiny_at_init, "--sparsities", "0.9,1.5", "--no-prefect"], tmp_path, timeout=60)  # the real CLI
+    assert r.returncode == 2 and r.stderr.startswith("error: --sparsities"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for args, message in ((["--sparsities", ""], "error: --sparsities"),
+                          (["--sparsities", "0.9;0.95"], "error: --sparsities"),
+                          (["--methods", "force,nope"], "error: unknown method 'nope'")):
+        with contextlib.chdir(tmp_path):
+            r = CliRunner().invoke(main, ["sweep", tiny_at_init, *args, "--no-prefect"])
+        assert r.exit_code == 2 and r.stderr.startswith(message), (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "registry").exists()
 
 
