@@ -85,12 +85,14 @@ def recipe_for(config: CompressConfig, top1: float, num_classes: int) -> tuple[s
     """(recipe, one line saying why): `--recipe auto` fine-tunes an input that scores well above chance."""
     if config.recipe != "auto":
         return config.recipe, f"recipe: {config.recipe} (--recipe)"
-    threshold = finetune_threshold(num_classes)
+    threshold, chance = finetune_threshold(num_classes), 1.0 / max(num_classes, 1)
     if top1 >= threshold:
-        return "finetune", (f"recipe: finetune (auto: the input scores {top1:.4f}, at least {threshold:.3f}, 3x "
-                            "chance: its trained weights are kept; --recipe scratch trains as from initialization)")
-    return "scratch", (f"recipe: scratch (auto: the input scores {top1:.4f}, under {threshold:.3f}, 3x chance: "
-                       "it looks untrained)")
+        run = config.with_recipe("finetune")
+        return "finetune", (f"recipe: finetune (auto: the input scores {top1:.4f}, at least {threshold:.3f} with "
+                            f"chance at {chance:.3f}: trained weights, fine-tuned: {run.method} masks, lr {run.lr:g}, "
+                            f"{run.epochs} epochs; --recipe scratch for the from-initialization recipe)")
+    return "scratch", (f"recipe: scratch (auto: the input scores {top1:.4f}, under {threshold:.3f} with chance at "
+                       f"{chance:.3f}: it looks untrained)")
 
 
 def run_fingerprint(config: CompressConfig, stages=RUN_DIR_STAGES) -> dict:
