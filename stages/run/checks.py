@@ -90,7 +90,7 @@ def recipe_for(config: CompressConfig, top1: float, num_classes: int) -> tuple[s
         run = config.with_recipe("finetune")
         return "finetune", (f"recipe: finetune (auto: the input scores {top1:.4f}, at least {threshold:.3f} with "
                             f"chance at {chance:.3f}: trained weights, fine-tuned: {run.method} masks, lr {run.lr:g}, "
-                            f"{run.epochs} epochs; --recipe scratch for the from-initialization recipe)")
+                            f"{run.epochs} epoch(s); --recipe scratch for the from-initialization recipe)")
     return "scratch", (f"recipe: scratch (auto: the input scores {top1:.4f}, under {threshold:.3f} with chance at "
                        f"{chance:.3f}: it looks untrained)")
 
