@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.errors import DataError
-from pipeline.geometry import Geometry
+from pipeline.geometry import GEOMETRY_DEFAULT, Geometry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 MAX_UNREADABLE_FRACTION = 0.01  # above this share of unreadable image files, the folder is refused
@@ -393,7 +393,7 @@ class DataSplits:
     default_flip: bool = True  # the source's: whether a horizontal flip keeps an image's class
     normalization: str = "the training split"  # where mean/std came from (pipeline.preprocessing.resolve)
     geometry: Geometry = DEFAULT_GEOMETRY  # the resize and crop the images took (pipeline.preprocessing.resolve)
-    geometry_from: str = "default (straight resize to the model's input)"
+    geometry_from: str = GEOMETRY_DEFAULT
 
 
 def augmentation(input_shape: tuple[int, int, int], default_flip: bool, augment: bool = True,

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from pipeline.errors import BadInputError
 
-__all__ = ["INTERPOLATIONS", "Geometry", "parse_size"]
+__all__ = ["GEOMETRY_DEFAULT", "INTERPOLATIONS", "Geometry", "parse_size"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+GEOMETRY_DEFAULT = "default (straight resize to the model's input)"  # where a default geometry "came from"
 
 
 def parse_size(text: str, what: str) -> tuple[int, ...]:

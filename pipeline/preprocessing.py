@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import BadInputError, DataError
-from pipeline.geometry import Geometry, parse_size
+from pipeline.geometry import GEOMETRY_DEFAULT, Geometry, parse_size
 
 if TYPE_CHECKING:  # pipeline.data (torch) loads only where images are: reading the record stays light (publish)
     from pipeline.data import DataSplits
@@ -35,7 +35,6 @@ FROM_MODEL = "the input model's force_compress.preprocessing metadata"
 NORMALIZATION_FROM_OPTIONS = "--mean/--std"
 NORMALIZATION_FROM_MODEL = FROM_MODEL
 NORMALIZATION_FROM_DATA = "the training split"
-GEOMETRY_DEFAULT = "default (straight resize to the model's input)"
 
 # Named presets: torchvision's ImageNet eval transform (ResNet50_Weights.IMAGENET1K_V1.transforms(), and most
 # torchvision and timm ImageNet classifiers): shorter side to 256 bilinear, centre crop 224, ImageNet mean/std.
@@ -225,14 +224,14 @@ def load_image(path: str | os.PathLike, prep: Preprocessing) -> np.ndarray:
         raise BadInputError(f"image not found: {path}")
     try:
         if path.suffix.lower() == ".npy":
-            x = _npy_image(path, prep)
+            x, fitted = _npy_image(path, prep)
         elif prep.resize == "pillow":
-            x = _scaled(read_image(path, "L" if c == 1 else "RGB", (h, w), prep.geometry))
+            x, fitted = _scaled(read_image(path, "L" if c == 1 else "RGB", (h, w), prep.geometry)), True
         else:
-            x = _file_image(path)
+            x, fitted = _file_image(path), False
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(0)
-        # the pillow path's images are at H×W already; fit_images's default geometry then only maps channels
-        x = fit_images(x, (c, h, w), str(path), prep.geometry if x.shape[-2:] != (h, w) else Geometry())
+        # an image the pillow path fitted is at H×W already: the default geometry then only maps its channels
+        x = fit_images(x, (c, h, w), str(path), Geometry() if fitted else prep.geometry)
     except BadInputError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a broken file
@@ -271,7 +270,8 @@ def _as_stored(a: np.ndarray) -> np.ndarray:
     return t / np.float32(255.0) if t.size and float(t.max()) > 1.5 else t
 
 
-def _npy_image(path: Path, prep: Preprocessing) -> np.ndarray:
+def _npy_image(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
+    """The array as (C, H, W) in [0, 1], and whether it is fitted to the model's H×W already."""
     from pipeline.data import _to_nchw, read_image
 
     a = np.load(path, allow_pickle=False)
@@ -286,5 +286,5 @@ def _npy_image(path: Path, prep: Preprocessing) -> np.ndarray:
 
         c, h, w = prep.input_size
         im = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
-        return _scaled(read_image(im, "L" if c == 1 else "RGB", (h, w), prep.geometry))
-    return _as_stored(a)
+        return _scaled(read_image(im, "L" if c == 1 else "RGB", (h, w), prep.geometry)), True
+    return _as_stored(a), False
