@@ -87,6 +87,7 @@ class RunFiles:
     """The names of the files a run directory holds, one place for every stage that writes or reads them."""
 
     CONFIG = "config.json"
+    SPLIT = "split.json"
     NORMALIZED = "normalized.onnx"
     MASKS = "masks.npz"
     MASKS_META = "masks.json"

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pipeline.errors import BadInputError
 from pipeline.preprocessing import resolve
 
+DATA_OPTIONS = ("val_fraction", "seed", "val_images", "memory_mb", "workers", "max_bad_fraction")
 PREPROCESSING_FIELDS = ("mean", "std", "preprocessing", "resize", "crop", "interpolation")
 
 # The training recipes: the values of the fields a recipe sets where no option gives them. scratch: the paper's
@@ -70,6 +71,16 @@ class CompressConfig(BaseModel):
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
         None, description="resize interpolation (antialiased when shrinking) [default: bilinear]")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out fraction scored by validation")
+    val_images: int | None = Field(None, ge=1, description="score at most this many held-out images at each gate (a "
+                                                           "seeded, stratified choice; recorded in the report)")
+    memory_mb: float = Field(512.0, ge=0.0, description="an image folder or shard set whose decoded images fit in "
+                                                        "this many MB is held in memory; a larger one is streamed "
+                                                        "from disk batch by batch")
+    workers: int | None = Field(None, ge=0, description="DataLoader worker processes decoding streamed images "
+                                                        "[default: one per core, at most 8]")
+    max_bad_fraction: float = Field(0.001, ge=0.0, le=1.0, description="unreadable images are skipped, counted and "
+                                                                       "named in the report; more than this fraction "
+                                                                       "of the images read stops the run (exit 2)")
     augment: bool = Field(True, description="random crop and flip while training")
     train_norm: bool = Field(True, description="BatchNorm-fused layers get a BatchNorm for masks and training, "
                                                "folded back at export (the graph keeps its nodes)")
@@ -79,6 +90,8 @@ class CompressConfig(BaseModel):
                             "(for trained weights: " + FINETUNE_SUMMARY + "), or auto: finetune when the input "
                             "scores well above chance on the held-out split. Options given beside it win")
     epochs: int | None = Field(None, ge=0, le=10000, description="sparse-training epochs")
+    max_steps: int | None = Field(None, ge=1, description="train for this many optimizer steps instead of --epochs "
+                                                          "(bounded work for a CI step; the last epoch may be partial)")
     batch_size: int = Field(128, ge=1, description="training batch size")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum) or adamw")
     lr: float | None = Field(None, gt=0.0, description="peak learning rate")
@@ -214,6 +227,11 @@ class ConfigView:
 
     def __repr__(self) -> str:
         return f"ConfigView({', '.join(f'{k}={v!r}' for k, v in self.values().items())})"
+
+
+def data_options(config: CompressConfig | ConfigView) -> dict:
+    """What pipeline.data.load_data takes from a config (or a stage's view of it) besides the preprocessing."""
+    return {name: getattr(config, name) for name in DATA_OPTIONS}
 
 
 def make_config(**values) -> CompressConfig:

@@ -1,37 +1,52 @@
-"""Where the images come from: data specs (`digits`, `imagefolder:PATH`, `npz:PATH`), preprocessing derived
-from the model's input (N, C, H, W), a seeded train/validation split, and batch helpers for masks and training.
+"""Where the images come from: data specs (`digits`, `npz:PATH`, `imagefolder:PATH`, `webdataset:SHARDS`),
+preprocessing derived from the model's input (N, C, H, W), a seeded train/validation split, and batch helpers for
+masks and training.
 
 Imports torch, numpy, scikit-learn and PIL only; never stages or flows. Nothing is downloaded at run time.
 
-Datasets are kept in memory as tensors (images at the model's H×W, scaled to [0, 1]); normalisation and
-augmentation (random crop with zero padding, optional horizontal flip) run on whole batches of tensors.
-Augmentation defaults: on for training, flip on for `imagefolder`/`npz`, **off for `digits`** (a mirrored
-2, 3, 5 or 7 is not the same digit); `flip=True/False` overrides the source's default.
+`digits` and `npz:` are read whole and kept in memory as tensors (images at the model's H×W, scaled to [0, 1]).
+Image folders and shards are lists of files: a set whose decoded images fit in `memory_mb` is decoded once into
+memory, a larger one is read from disk batch by batch in DataLoader workers (pipeline.files), so memory does not
+grow with the number of images. Augmentation (random crop with zero padding, optional horizontal flip) defaults to
+on for training, flip on for `imagefolder`/`npz`/`webdataset`, **off for `digits`** (a mirrored 2, 3, 5 or 7 is
+not the same digit); `flip=True/False` overrides the source's default.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import DataError
+from pipeline.files import (
+    MAX_BAD_FRACTION,
+    BadImages,
+    FileImageDataset,
+    FileList,
+    FileLoader,
+    class_dirs,
+    default_workers,
+    expand_shards,
+    list_folder,
+    list_shards,
+)
 from pipeline.geometry import GEOMETRY_DEFAULT, Geometry
+from pipeline.images import DEFAULT_GEOMETRY, Augment, augment_batch, fit_images, map_channels, read_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-MAX_UNREADABLE_FRACTION = 0.01  # above this share of unreadable image files, the folder is refused
-DEFAULT_GEOMETRY = Geometry()
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, what PIL's convert("L") uses
+MEMORY_MB = 512.0  # default: a file source whose decoded images fit in this many MB is held in memory
+MOMENT_IMAGES = 1000  # mean/std of a streamed source are measured on this many seeded training images
+
+__all__ = ["DataSplits", "FileData", "MEMORY_MB", "RawData", "TensorImageDataset", "augment_batch", "augmented",
+           "fit_images", "load_data", "make_loader", "map_channels", "mask_batches", "read_image", "register_source"]
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -56,7 +71,7 @@ class RawData:
     scale: str = "8-bit / 255"
 
 
-SourceFn = Callable[[str, tuple[int, int, int], Geometry], RawData]
+SourceFn = Callable[[str, tuple[int, int, int], Geometry], "RawData | FileData"]
 _SOURCES: dict[str, SourceFn] = {}
 
 
@@ -94,65 +109,8 @@ def _spec_forms() -> list[str]:
     return [s if s == "digits" else f"{s}:PATH" for s in available_sources()]
 
 
-def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    if x.shape[-2:] == (h, w):
-        return x
-    down = h < x.shape[-2] or w < x.shape[-1]
-    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down).clamp_(0.0, 1.0)
-
-
-def fit_images(x: torch.Tensor, shape: tuple[int, int, int], what: str = "data",
-               geometry: Geometry = DEFAULT_GEOMETRY) -> torch.Tensor:
-    """(N, c, h, w) in [0, 1] -> (N, C, H, W): the default geometry is a bilinear resize (antialiased when shrinking,
-    clamped to [0, 1]), any other torchvision's resize and centre crop; then the channel mapping of `map_channels`.
-    The "torch" resize of the digits and npz sources (and of predict)."""
-    c, h, w = shape
-    if geometry.is_default:
-        return map_channels(_resize(x, h, w), c, what)
-    x = TF.resize(x, list(geometry.resize or (h, w)), interpolation=InterpolationMode(geometry.interpolation),
-                  antialias=geometry.interpolation != "nearest")
-    if geometry.crop is not None:
-        x = TF.center_crop(x, list(geometry.crop))
-    return map_channels(x.clamp_(0.0, 1.0), c, what)
-
-
-def read_image(source, mode: str, size: tuple[int, int], geometry: Geometry = DEFAULT_GEOMETRY) -> np.ndarray:
-    """An image file (or a PIL image) as (H, W) or (H, W, 3) uint8: PIL's convert(mode) ("L" or "RGB"), then the
-    default geometry's 8-bit bilinear resize to size (H, W), or any other's torchvision resize and centre crop of
-    the PIL image (as torchvision's ImageNet transforms do). The "pillow" resize of the imagefolder source (and of
-    predict); PIL's errors pass."""
-    from PIL import Image
-
-    h, w = size
-    if not isinstance(source, Image.Image):
-        with Image.open(source) as im:
-            return read_image(im, mode, size, geometry)
-    im = source.convert(mode)
-    if geometry.is_default:
-        return np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8)
-    im = TF.resize(im, list(geometry.resize or (h, w)), interpolation=InterpolationMode(geometry.interpolation))
-    if geometry.crop is not None:
-        im = TF.center_crop(im, list(geometry.crop))
-    return np.asarray(im, dtype=np.uint8)
-
-
 def _fitted(geometry: Geometry, h: int, w: int) -> str:
     return f"resized to {h}x{w}" if geometry.is_default else geometry.describe()
-
-
-def map_channels(x: torch.Tensor, channels: int, what: str = "data") -> torch.Tensor:
-    """(N, c, H, W) -> (N, channels, H, W): grey→RGB repeats, RGB→grey uses BT.601 luma, RGBA drops alpha."""
-    c = x.shape[1]
-    if c == channels:
-        return x
-    if c == 4:  # RGBA: drop alpha, then map RGB
-        return map_channels(x[:, :3], channels, what)
-    if c == 1 and channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True)
-    raise DataError(f"{what} has {c} channels but the model expects {channels}; only 1↔3 (and RGBA→3/1) are mapped")
 
 
 @register_source("digits")
@@ -245,105 +203,73 @@ def _npz(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
                    scale="uint8 / 255; other types as stored, / 255 when above 1.5")
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+@dataclass(frozen=True)
+class FileData:
+    """What a source of files hands back: where its images are and their labels (pixels stay on disk), and
+    optionally its own validation split. load_data decides whether they are decoded into memory (a small set) or
+    streamed (`memory_mb`)."""
 
-
-def _load_folder(root: Path, classes: list[str], shape: tuple[int, int, int],
-                 geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    c, h, w = shape
-    mode = "L" if c == 1 else "RGB"
-    if c not in (1, 3):
-        raise DataError(f"image folder {root}: the model expects {c} channels; images map only to 1 or 3")
-    xs, ys, bad, total = [], [], [], 0
-    index = {name: i for i, name in enumerate(classes)}
-    for d in _class_dirs(root):
-        if d.name not in index:
-            raise DataError(f"image folder {root}: class folder {d.name!r} is not among the training classes")
-        for f in sorted(d.rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            total += 1
-            try:
-                a = read_image(f, mode, (h, w), geometry)
-            except Exception:  # noqa: BLE001 - PIL raises many types for broken files
-                bad.append(f)
-                continue
-            xs.append(a.reshape(h, w, -1))
-            ys.append(index[d.name])
-    if total == 0:
-        exts = ", ".join(IMAGE_EXTENSIONS[:4])
-        raise DataError(f"image folder {root} holds no images ({exts}, ...) in its class folders")
-    if bad:
-        names = ", ".join(str(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        if len(bad) > MAX_UNREADABLE_FRACTION * total:
-            raise DataError(
-                f"{len(bad)} of {total} images in {root} are unreadable (limit {MAX_UNREADABLE_FRACTION:.0%}): {names}"
-            )
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}: {names}", stacklevel=3)
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-    return x, torch.tensor(ys, dtype=torch.int64)
+    files: FileList
+    class_names: tuple[str, ...]
+    files_val: FileList | None = None
+    description: str = ""
+    root: str = ""  # what the names in `files` are relative to
+    default_flip: bool = True
+    resize: str = "pillow"
+    scale: str = "8-bit / 255"
 
 
 @register_source("imagefolder")
-def _imagefolder(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
-    """One sub-folder per class (names sorted give the label order), or `train/` and `val/` each laid out so."""
+def _imagefolder(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> FileData:
+    """One sub-folder per class (names sorted give the label order), or `train/` and `val/` each laid out so. Lists
+    the files; decoding happens as batches are read."""
     if not arg:
         raise DataError("imagefolder spec needs a path: imagefolder:PATH")
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
+    _check_decodable(shape, f"image folder {root}")
     train_dir, val_dir = root / "train", root / "val"
     split = train_dir.is_dir() and val_dir.is_dir()
     base = train_dir if split else root
-    classes = [d.name for d in _class_dirs(base)]
+    classes = [d.name for d in class_dirs(base)]
     if not classes:
         raise DataError(f"image folder {base} has no class sub-folders (expected {base}/<class>/<image>)")
-    x, y = _load_folder(base, classes, shape, geometry)
-    x_val = y_val = None
-    if split:
-        x_val, y_val = _load_folder(val_dir, classes, shape, geometry)
-    return RawData(
-        x, y, tuple(classes), x_val, y_val,
-        description=f"imagefolder {root} ({len(classes)} classes, {len(y)} train images"
-        + (f", {len(y_val)} val images" if y_val is not None else "") + f", {_fitted(geometry, shape[1], shape[2])})",
-        resize="pillow",
-    )
+    files = list_folder(base, classes, root)
+    files_val = list_folder(val_dir, classes, root) if split else None
+    return FileData(files, tuple(classes), files_val, root=str(root.resolve()),
+                    description=f"imagefolder {root} ({len(classes)} classes, {len(files)} train images"
+                    + (f", {len(files_val)} val images" if files_val is not None else "")
+                    + f", {_fitted(geometry, shape[1], shape[2])})")
+
+
+@register_source("webdataset")
+def _webdataset(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> FileData:
+    """WebDataset tar shards on a file system: a brace pattern (`shards/train-{0000..0099}.tar`), a directory of
+    .tar files, or a directory with `train/` and `val/` ones. Each sample is KEY.jpg (or .png, ...) with its class
+    in KEY.cls; members are read in place, never unpacked."""
+    if not arg:
+        raise DataError("webdataset spec needs shards: webdataset:PATH_OR_BRACE_PATTERN")
+    _check_decodable(shape, f"webdataset:{arg}")
+    root = Path(arg).expanduser()
+    split = root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir()
+    names_from = root if root.is_dir() else Path(arg.split("{")[0]).expanduser().parent
+    files = list_shards(expand_shards(str(root / "train") if split else arg), names_from)
+    files_val = list_shards(expand_shards(str(root / "val")), names_from) if split else None
+    n_cls = int(max(files.labels.max(), -1 if files_val is None else files_val.labels.max())) + 1
+    shards = len(set(files.paths.tolist()))
+    return FileData(files, tuple(map(str, range(n_cls))), files_val, root=str(names_from.resolve()),
+                    description=f"webdataset {arg} ({shards} shard(s), {len(files)} train samples"
+                    + (f", {len(files_val)} val samples" if files_val is not None else "")
+                    + f", {_fitted(geometry, shape[1], shape[2])})")
+
+
+def _check_decodable(shape: tuple[int, int, int], what: str) -> None:
+    if shape[0] not in (1, 3):
+        raise DataError(f"{what}: the model expects {shape[0]} channels; images map only to 1 or 3")
 
 
 # -------------------------------------------------------------------------------------------- datasets
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Light training augmentation: random crop of the zero-padded image (padding `pad` pixels) and a random
-    horizontal flip."""
-
-    pad: int = 0
-    flip: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.pad > 0 or self.flip
-
-
-def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Augment a batch (B, C, H, W) in one go: every image gets its own crop offset and flip."""
-    if not aug.active or x.shape[0] == 0:
-        return x
-    b, _, h, w = x.shape
-    if aug.pad > 0:
-        p = aug.pad
-        xp = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
-        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-        x = xp[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> NCHW
-    if aug.flip:
-        flip = torch.rand(b, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x.contiguous()
 
 
 class TensorImageDataset(Dataset):
@@ -372,15 +298,28 @@ class TensorImageDataset(Dataset):
     def with_augment(self, augment: Augment | None) -> TensorImageDataset:
         return TensorImageDataset(self.x, self.y, self.mean.flatten().tolist(), self.std.flatten().tolist(), augment)
 
+    def batches(self, index_batches: Sequence, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of the given indices, in order (as FileImageDataset.batches)."""
+        for idx in index_batches:
+            yield self.batch(torch.as_tensor(idx, dtype=torch.int64))
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+
+ImageSet = TensorImageDataset | FileImageDataset
+
 
 @dataclass(frozen=True)
 class DataSplits:
     """The data for one model: `train` (augmented if asked), `train_plain` (same images, no augmentation; for
-    mask batches and train-set scoring), `val` (held out: never trained on; what validation scores)."""
+    mask batches and train-set scoring), `val` (held out: never trained on; what validation scores). Each is held
+    in memory (TensorImageDataset) or read from disk batch by batch (pipeline.files.FileImageDataset)."""
 
-    train: TensorImageDataset
-    train_plain: TensorImageDataset
-    val: TensorImageDataset
+    train: ImageSet
+    train_plain: ImageSet
+    val: ImageSet
     num_classes: int
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
@@ -394,6 +333,14 @@ class DataSplits:
     normalization: str = "the training split"  # where mean/std came from (pipeline.preprocessing.resolve)
     geometry: Geometry = DEFAULT_GEOMETRY  # the resize and crop the images took (pipeline.preprocessing.resolve)
     geometry_from: str = GEOMETRY_DEFAULT
+    held: str = "in memory"  # "in memory" or "streamed from disk", and why
+    bad: BadImages = field(default_factory=BadImages, compare=False)  # unreadable images met so far
+    split_file: str | None = None  # the held-out split of a file source, as a list of files
+    val_total: int = 0  # held-out images before --val-images capped them (0: not capped)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_plain, FileImageDataset)
 
 
 def augmentation(input_shape: tuple[int, int, int], default_flip: bool, augment: bool = True,
@@ -458,12 +405,22 @@ def load_data(
     flip: bool | None = None,
     pad: int | None = None,
     geometry: Geometry = DEFAULT_GEOMETRY,
+    split_file: str | os.PathLike | None = None,
+    val_images: int | None = None,
+    memory_mb: float = MEMORY_MB,
+    workers: int | None = None,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
 ) -> DataSplits:
     """Load `spec` for a model whose input is (N, *input_shape) with `num_classes` outputs.
 
     mean/std per channel come from the training split unless given; `geometry` resizes and crops the images to the
     model's H×W (pipeline.preprocessing.resolve checked that it produces that size). `flip` None takes the source's
-    default (off for digits); `pad` None is max(1, round(H/8)) pixels of crop padding. Raises DataError."""
+    default (off for digits); `pad` None is max(1, round(H/8)) pixels of crop padding.
+
+    A source of files (imagefolder, webdataset) is held in memory when its decoded images fit in `memory_mb`, else
+    read from disk batch by batch by `workers` DataLoader workers; its held-out split is a seeded list of files,
+    read from `split_file` when that exists (written there otherwise). `val_images` caps the held-out images
+    scored (a seeded, stratified choice). Raises DataError."""
     try:
         c, h, w = (int(v) if v is not None else -1 for v in input_shape)
     except (TypeError, ValueError):
@@ -476,6 +433,9 @@ def load_data(
         raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     scheme, arg = parse_spec(spec)
     raw = _SOURCES[scheme](arg, (c, h, w), geometry)
+    if isinstance(raw, FileData):
+        return _file_splits(raw, spec, (c, h, w), num_classes, val_fraction, seed, augment, mean, std, flip, pad,
+                            geometry, split_file, val_images, memory_mb, workers, max_bad_fraction)
     if raw.x.shape[1:] != (c, h, w):
         raise DataError(f"source {scheme} produced images of shape {tuple(raw.x.shape[1:])}, expected {(c, h, w)}")
     if len(raw.y) == 0:
@@ -489,31 +449,126 @@ def load_data(
         x_tr, y_tr, x_va, y_va = raw.x[tr], raw.y[tr], raw.x[va], raw.y[va]
     if len(y_tr) == 0 or len(y_va) == 0:
         raise DataError(f"data {spec!r}: {len(y_tr)} train / {len(y_va)} validation images; need both non-empty")
-    if mean is None:
-        mean = tuple(float(v) for v in x_tr.mean(dim=(0, 2, 3)))
-    if std is None:
-        std = tuple(max(float(v), 1e-6) for v in x_tr.std(dim=(0, 2, 3)))
-    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    if len(mean) != c or len(std) != c:
-        raise DataError(f"mean/std have {len(mean)}/{len(std)} values but the model has {c} channels")
+    val_total = len(y_va)
+    if val_images is not None and val_images < len(y_va):
+        keep = _capped(y_va, val_images, seed)
+        x_va, y_va = x_va[keep], y_va[keep]
+    mean, std = _moments(mean, std, c, lambda: x_tr)
     aug = augmentation((c, h, w), raw.default_flip, augment, flip, pad)
     train_plain = TensorImageDataset(x_tr, y_tr, mean, std)
+    mb = (raw.x.numel() + (0 if raw.x_val is None else raw.x_val.numel())) * 4 / 2**20
     return DataSplits(
-        train=train_plain.with_augment(aug),
-        train_plain=train_plain,
-        val=TensorImageDataset(x_va, y_va, mean, std),
-        num_classes=int(num_classes),
-        class_names=tuple(raw.class_names),
-        mean=mean,
-        std=std,
-        input_shape=(c, h, w),
-        source=raw.description or spec,
-        augment=aug,
-        resize=raw.resize,
-        scale=raw.scale,
-        default_flip=raw.default_flip,
-        geometry=geometry,
+        train=train_plain.with_augment(aug), train_plain=train_plain, val=TensorImageDataset(x_va, y_va, mean, std),
+        num_classes=int(num_classes), class_names=tuple(raw.class_names), mean=mean, std=std, input_shape=(c, h, w),
+        source=raw.description or spec, augment=aug, resize=raw.resize, scale=raw.scale,
+        default_flip=raw.default_flip, geometry=geometry, held=f"in memory ({mb:.0f} MB decoded; {scheme} is read "
+        "whole)", val_total=val_total if len(y_va) < val_total else 0,
     )
+
+
+def _moments(mean, std, channels: int, images: Callable[[], torch.Tensor]) -> tuple[tuple, tuple]:
+    """mean/std as given, else per channel of `images()` (N, C, H, W)."""
+    if mean is None or std is None:
+        x = images()
+        mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3))) if mean is None else mean
+        std = tuple(max(float(v), 1e-6) for v in x.std(dim=(0, 2, 3))) if std is None else std
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"mean/std have {len(mean)}/{len(std)} values but the model has {channels} channels")
+    return mean, std
+
+
+def _capped(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` of the indices of `y` (in order), a seeded stratified choice (as split_indices draws)."""
+    _, keep = split_indices(y, min(max(n, 1) / len(y), 0.999999), seed + 1)
+    if len(keep) > n:
+        keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
+    return keep
+
+
+def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, seed, augment, mean, std, flip, pad,
+                 geometry, split_file, val_images, memory_mb, workers, max_bad_fraction) -> DataSplits:
+    c, h, w = shape
+    _check_labels(torch.from_numpy(raw.files.labels), num_classes, f"data {spec!r}")
+    if raw.files_val is not None:
+        _check_labels(torch.from_numpy(raw.files_val.labels), num_classes, f"validation data of {spec!r}")
+        train_files, val_files = raw.files, raw.files_val
+    else:
+        train_files, val_files = _split_files(raw.files, spec, val_fraction, seed, split_file)
+    if len(train_files) == 0 or len(val_files) == 0:
+        raise DataError(f"data {spec!r}: {len(train_files)} train / {len(val_files)} validation images; need both "
+                        "non-empty")
+    val_total = len(val_files)
+    if val_images is not None and val_images < len(val_files):
+        val_files = val_files.subset(_capped(torch.from_numpy(val_files.labels), val_images, seed).numpy())
+    bad = BadImages(max_bad_fraction)
+    n_workers = default_workers() if workers is None else int(workers)
+    plain = FileImageDataset(train_files, shape, geometry, (0.0,) * c, (1.0,) * c, seed=seed, bad=bad,
+                             workers=n_workers)
+    val = FileImageDataset(val_files, shape, geometry, (0.0,) * c, (1.0,) * c, seed=seed, bad=bad, workers=n_workers)
+    decoded_mb = (len(train_files) + len(val_files)) * c * h * w * 4 / 2**20
+    if decoded_mb <= memory_mb:  # a small set: decoded once (by the workers), then served from memory
+        plain, val = _decoded(plain), _decoded(val)
+        mean, std = _moments(mean, std, c, lambda: plain.x)
+        plain, val = (TensorImageDataset(d.x, d.y, mean, std) for d in (plain, val))
+        held = f"in memory ({decoded_mb:.0f} MB decoded, within --memory-mb {memory_mb:g})"
+    else:
+        if mean is None or std is None:  # moments of a seeded sample of the training images, not of them all
+            n = min(len(plain), MOMENT_IMAGES)
+            pick = torch.randperm(len(plain), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+            mean, std = _moments(mean, std, c, lambda: torch.cat([x for x, _ in plain.batches(pick.split(64))]))
+        mean, std = _moments(mean, std, c, lambda: None)
+        plain, val = plain.normalised(mean, std), val.normalised(mean, std)
+        held = (f"streamed from disk by {n_workers} worker(s) ({decoded_mb:.0f} MB decoded would exceed "
+                f"--memory-mb {memory_mb:g})")
+    bad.check("opening the data")
+    aug = augmentation(shape, raw.default_flip, augment, flip, pad)
+    return DataSplits(
+        train=plain.with_augment(aug), train_plain=plain, val=val, num_classes=int(num_classes),
+        class_names=tuple(raw.class_names), mean=mean, std=std, input_shape=(c, h, w), source=raw.description or spec,
+        augment=aug, resize=raw.resize, scale=raw.scale, default_flip=raw.default_flip, geometry=geometry, held=held,
+        bad=bad, split_file=None if split_file is None or raw.files_val is not None else str(split_file),
+        val_total=val_total if len(val_files) < val_total else 0,
+    )
+
+
+def _decoded(ds: FileImageDataset) -> TensorImageDataset:
+    """A file dataset decoded into memory as it is (read by its workers), its unreadable images left out (and
+    counted)."""
+    xs, ys = [], []
+    for x, y in ds.batches(torch.arange(len(ds)).split(64)):
+        xs.append(x)
+        ys.append(y)
+    x = torch.cat(xs) if xs else torch.zeros((0, *ds.shape))
+    return TensorImageDataset(x, torch.cat(ys) if ys else torch.zeros(0, dtype=torch.int64), ds.mean.flatten().tolist(),
+                              ds.std.flatten().tolist())
+
+
+def _split_files(files: FileList, spec: str, val_fraction: float, seed: int,
+                 split_file: str | os.PathLike | None) -> tuple[FileList, FileList]:
+    """The seeded, stratified split of a file list: read from `split_file` when it exists (the names it lists must
+    all be in the data), else drawn and written there."""
+    path = None if split_file is None else Path(split_file)
+    if path is not None and path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            val_names = record["val"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"split file {path} is unreadable ({e}); delete it to draw the split again") from None
+        where = {name: i for i, name in enumerate(files.names.tolist())}
+        missing = [n for n in val_names if n not in where]
+        if missing:
+            raise DataError(f"split file {path} names {len(missing)} held-out image(s) no longer in {spec} (first: "
+                            f"{missing[0]}); delete it to draw the split again")
+        is_val = np.zeros(len(files), dtype=bool)
+        is_val[[where[n] for n in val_names]] = True
+        return files.subset(np.flatnonzero(~is_val)), files.subset(np.flatnonzero(is_val))
+    tr, va = split_indices(torch.from_numpy(files.labels), val_fraction, seed)
+    train, val = files.subset(tr.numpy()), files.subset(va.numpy())
+    if path is not None:
+        write_json_atomic(path, {"format": 1, "data": spec, "seed": seed, "val_fraction": val_fraction,
+                                 "train_images": len(train), "val": val.names.tolist()})
+    return train, val
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -521,17 +576,17 @@ def load_data(
 
 def mask_batches(splits: DataSplits, batch_size: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` mini-batches for computing masks, each a fresh seeded random draw (without replacement within a pass
-    over the data) from the un-augmented training split."""
+    over the data) from the un-augmented training split; a streamed split reads only these images."""
     ds = splits.train_plain
     g = torch.Generator().manual_seed(int(seed))
     bs = min(int(batch_size), len(ds))
-    out, perm, pos = [], torch.randperm(len(ds), generator=g), 0
+    draws, perm, pos = [], torch.randperm(len(ds), generator=g), 0
     for _ in range(int(n)):
         if pos + bs > len(perm):
             perm, pos = torch.randperm(len(ds), generator=g), 0
-        out.append(ds.batch(perm[pos : pos + bs]))
+        draws.append(perm[pos : pos + bs])
         pos += bs
-    return out
+    return list(ds.batches(draws))
 
 
 class BatchLoader:
@@ -573,17 +628,22 @@ class BatchLoader:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                world_size: int = 1, drop_last: bool = False, num_workers: int = 0):
-    """A loader with `set_epoch`: the in-memory fast path for TensorImageDataset, torch's DataLoader with a
+                world_size: int = 1, drop_last: bool = False, num_workers: int | None = None,
+                pin_memory: bool = False, what: str = "data"):
+    """A loader with `set_epoch` over this rank's share: the in-memory fast path for TensorImageDataset, DataLoader
+    workers reading from disk for a FileImageDataset (`pin_memory` for CUDA), torch's DataLoader with a
     DistributedSampler for any other Dataset."""
     if isinstance(dataset, TensorImageDataset):
         return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last)
+    if isinstance(dataset, FileImageDataset):
+        return FileLoader(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                          drop_last=drop_last, workers=num_workers, pin_memory=pin_memory, what=what)
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                        num_workers=num_workers or min(4, os.cpu_count() or 1) - 1)
+                        num_workers=num_workers if num_workers is not None else min(4, os.cpu_count() or 1) - 1)
     loader.set_epoch = sampler.set_epoch  # type: ignore[attr-defined]
     return loader

@@ -15,7 +15,7 @@ from pipeline.config import CompressConfig, ConfigView
 
 # the opened data's source, split, order and normalisation: read by every stage that gets it
 DATA_FIELDS = frozenset({"data", "val_fraction", "seed", "mean", "std", "preprocessing", "resize", "crop",
-                         "interpolation"})
+                         "interpolation", "val_images", "memory_mb", "workers", "max_bad_fraction"})
 
 
 @runtime_checkable

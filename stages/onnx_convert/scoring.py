@@ -4,15 +4,17 @@ set (`accuracy`). Validation, the model forms, the INT8 calibration and export a
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
+from pipeline.data import make_loader
 from pipeline.errors import BadInputError
+from pipeline.progress import Progress
 from stages.onnx_convert import runtime
 from stages.onnx_convert.passes._graph import real_inputs
 
@@ -75,12 +77,13 @@ def run_logits(session, x: np.ndarray, batch: int | None = None) -> np.ndarray:
 
 
 def numpy_batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images float32, labels) of `dataset` in order, `batch_size` at a time."""
-    for start in range(0, len(dataset), batch_size):
-        if hasattr(dataset, "batch"):  # pipeline.data's in-memory datasets serve whole batches
-            x, y = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset))))
+    """(images float32, labels) of `dataset` in order, `batch_size` at a time (a streamed set read by its DataLoader
+    workers, never whole)."""
+    if hasattr(dataset, "batches"):  # pipeline.data's image sets, in memory or streamed
+        for x, y in make_loader(dataset, batch_size, shuffle=False, what="scoring"):
             yield x.numpy().astype(np.float32, copy=False), y.numpy()
-            continue
+        return
+    for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         x = np.stack([np.asarray(it[0], dtype=np.float32) for it in items])
         y = np.asarray([int(it[1]) for it in items])
@@ -99,13 +102,18 @@ def accuracy(session, dataset, batch_size: int = 256) -> tuple[float, float]:
     if len(dataset) == 0:
         raise BadInputError(EMPTY_SPLIT)
     hits1 = hits5 = n = 0
+    progress = Progress("scoring", math.ceil(len(dataset) / batch_size), len(dataset))
     for x, y in numpy_batches(dataset, batch_size):
+        progress.update(1, len(y))
         logits = run_logits(session, x)
         k = min(5, logits.shape[1])
         topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         hits1 += int((topk[:, 0] == y).sum())
         hits5 += int((topk == y[:, None]).any(axis=1).sum())
         n += len(y)
+    progress.close()
+    if n == 0:
+        raise BadInputError("no held-out image could be read; see the unreadable images named above")
     return hits1 / n, hits5 / n
 
 

@@ -4,12 +4,14 @@ directory. Also the check between masks and training that the masks left a netwo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.artifacts import check_writable_dir, run_dir_for, sha256_file
-from pipeline.config import CompressConfig
+from pipeline.config import CompressConfig, data_options
 from pipeline.data import DataSplits, load_data
 from pipeline.devices import resolve_device
 from pipeline.errors import NetworkCutError
@@ -28,7 +30,7 @@ from stages.sparse_train.worker import check_nproc
 # whether a check passes (a new --parity-tol redoes import's check in the same directory; its unchanged
 # normalized.onnx keeps the masks' key).
 RUN_DIR_STAGES = (import_onnx.STAGE, compute_masks.STAGE, cut_channels.STAGE, sparse_train.STAGE)
-CHECK_ONLY_FIELDS = frozenset({"parity_tol"})
+CHECK_ONLY_FIELDS = frozenset({"parity_tol", "max_bad_fraction", "workers"})
 
 
 @dataclass(frozen=True)
@@ -114,17 +116,28 @@ def check_request(config: CompressConfig) -> Request:
     _, input_shape, num_classes = classifier_io(model, config.image_size)
     prep = resolve(config.preprocessing_options(), {p.key: p.value for p in model.metadata_props}, input_shape[0],
                    input_shape[1:], Path(config.model).name)
-    data = load_data(config.data, input_shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                     seed=config.seed, augment=False, mean=prep.mean, std=prep.std, geometry=prep.geometry)
-    data = replace(data, normalization=prep.normalization, geometry_from=prep.geometry_from)
     check_registry(config.registry)
     check_writable_dir(config.runs_dir, "runs-dir")
+    data = load_data(config.data, input_shape, num_classes=num_classes, augment=False, mean=prep.mean, std=prep.std,
+                     geometry=prep.geometry, split_file=split_file_for(config), **data_options(config))
+    data = replace(data, normalization=prep.normalization, geometry_from=prep.geometry_from)
     source_sha = sha256_file(config.model)
     top1, top5 = accuracy(runtime.session(config.model, device=resolve_device(config.device)), data.val)
     recipe, why = recipe_for(config, top1, num_classes)
     request = Request(str(config.model), source_sha, input_shape, num_classes, "", data, top1, top5, recipe, why)
     run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(request.settle(config)))
     return replace(request, run_dir=str(run_dir))
+
+
+def split_file_for(config: CompressConfig) -> Path:
+    """Where the held-out split of a file source is kept, shared by every run over the same data, seed and
+    fraction (so validation, resume and a sweep's cells score the same images); each run directory keeps a copy."""
+    spec = config.data
+    scheme, _, arg = spec.partition(":")
+    if arg and "://" not in arg:
+        spec = f"{scheme}:{Path(arg).expanduser().resolve()}"
+    key = hashlib.sha256(json.dumps([spec, config.seed, config.val_fraction]).encode()).hexdigest()[:16]
+    return Path(config.runs_dir) / "splits" / f"{scheme}-{key}.json"
 
 
 def hand_over(config: CompressConfig, request: Request) -> None:

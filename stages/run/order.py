@@ -147,6 +147,8 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
     created = [p for p in (Path(config.runs_dir), run_dir) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / RunFiles.CONFIG, config.model_dump(mode="json"))  # the latest request's
+    if request.data.split_file:  # the held-out images this run scores, beside its results
+        write_bytes_atomic(run_dir / RunFiles.SPLIT, Path(request.data.split_file).read_bytes())
     rd, data = str(run_dir), request.data
     step = Runner(config, run_stage, rd, on_reused)
     try:

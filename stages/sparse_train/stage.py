@@ -27,6 +27,6 @@ def drop_checkpoint(trained: TrainResult, keep: bool) -> None:
 
 # nproc: the world size changes the result slightly (float sums, per-rank BatchNorm statistics on CPU)
 STAGE = Stage("sparse-train", train_stage, outputs=(RunFiles.TRAINED,),
-              reads=DATA_FIELDS | {"image_size", "train_norm", "augment", "device", "epochs", "batch_size",
+              reads=DATA_FIELDS | {"image_size", "train_norm", "augment", "device", "epochs", "max_steps", "batch_size",
                                    "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "nproc",
                                    "recipe"})

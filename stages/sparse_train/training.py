@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from force_core import (
     CALIBRATION_BATCHES,
@@ -43,12 +42,13 @@ from force_core import (
 )
 from force_core.train_norm import FeatureBatchNorm
 from pipeline.artifacts import RunFiles, atomic_path, write_json_atomic
-from pipeline.config import CompressConfig
-from pipeline.data import DataSplits, TensorImageDataset, augmented, load_data, make_loader, mask_batches
+from pipeline.config import CompressConfig, data_options
+from pipeline.data import DataSplits, ImageSet, augmented, load_data, make_loader, mask_batches
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, DataError, TrainingDivergedError
 from pipeline.geometry import Geometry
 from pipeline.plotting import drawn_alone
+from pipeline.progress import Progress
 from stages.onnx_convert.mask_file import load_masks
 from stages.onnx_convert.scoring import classifier_io
 from stages.onnx_convert.to_torch import load_module
@@ -235,16 +235,16 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, dataset: TensorImageDataset, *, batch_size: int = 256,
+def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int = 256,
              device: torch.device | str = "cpu") -> tuple[float, float]:
     """(mean cross-entropy, top-1 accuracy) of `module` on `dataset`, in eval mode; restores the module's mode."""
     device = torch.device(device)
     was_training = module.training
     module.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    loader = make_loader(dataset, batch_size, shuffle=False)
+    loader = make_loader(dataset, batch_size, shuffle=False, pin_memory=device.type == "cuda", what="validation")
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
@@ -256,9 +256,17 @@ def evaluate(module: nn.Module, dataset: TensorImageDataset, *, batch_size: int 
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def planned_epochs(epochs: int, max_steps: int | None, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs to run, optimizer steps in all): `epochs` whole epochs, or with `max_steps` as many epochs as those
+    steps need (the last one partial)."""
+    if max_steps is None:
+        return epochs, epochs * steps_per_epoch
+    return math.ceil(max_steps / max(steps_per_epoch, 1)), int(max_steps)
+
+
 def _fingerprint(config: CompressConfig, world_size: int, splits: DataSplits) -> dict:
     """What must match for a checkpoint to be resumed (training recipe, data, world size)."""
-    keys = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "seed",
+    keys = ("epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "seed",
             "data", "val_fraction", "augment", "image_size", "recipe")
     fp = {k: getattr(config, k) for k in keys}
     fp["image_size"] = list(fp["image_size"]) if fp["image_size"] else None
@@ -354,11 +362,11 @@ def train_module(
         recalibrate_train_norm(module, train_norms, batches)
     optimizer = make_optimizer(module, config)
     per_rank_batch = max(1, config.batch_size // world)
-    loader = make_loader(splits.train, per_rank_batch, shuffle=True, seed=config.seed, rank=rank, world_size=world)
+    loader = make_loader(splits.train, per_rank_batch, shuffle=True, seed=config.seed, rank=rank, world_size=world,
+                         pin_memory=device.type == "cuda", what="training")
     steps_per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch)
-    )
+    epochs, total_steps = planned_epochs(config.epochs, config.max_steps, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_schedule, total_steps))
     fingerprint = _fingerprint(config, world, splits)
     cpu_masks = {k: v.detach().to("cpu", torch.bool) for k, v in masks.items()}
 
@@ -379,7 +387,7 @@ def train_module(
             _apply_(enforcer)
             enforcer.mask_optimizer_state_(optimizer)
             if is_main:  # stderr: under Prefect's log_prints this line goes to the run's log
-                print(f"resuming from epoch {start_epoch} of {config.epochs} ({ckpt_path})", file=sys.stderr,
+                print(f"resuming from epoch {start_epoch} of {epochs} ({ckpt_path})", file=sys.stderr,
                       flush=True)
         elif is_main:
             warnings.warn(f"{ckpt_path} belongs to another recipe or other masks; training from scratch", stacklevel=2)
@@ -390,19 +398,21 @@ def train_module(
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
-    end_epoch = config.epochs
+    end_epoch = epochs
     if max_epochs_this_call is not None:
         end_epoch = min(end_epoch, start_epoch + max(0, int(max_epochs_this_call)))
     show = progress and is_main
     for epoch in range(start_epoch, end_epoch):
         loader.set_epoch(epoch)
         model.train()
-        # disable=None: no bar when stderr is not a terminal (CI logs), the per-epoch line below still prints
-        bar = tqdm(total=steps_per_epoch, desc=f"train {epoch + 1}/{config.epochs}", leave=False,
-                   disable=None) if show else None
+        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        bar = Progress(f"train {epoch + 1}/{epochs}", steps, min(len(splits.train), steps * config.batch_size),
+                       enabled=show)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(loader):
+            if step >= steps:  # --max-steps reached inside this epoch
+                break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -411,35 +421,33 @@ def train_module(
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-            if bar is not None:
-                bar.update(1)
-                if step % 5 == 0 or step == steps_per_epoch - 1:
-                    s = sums.tolist()
-                    bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}",
-                                    img_s=f"{s[2] * world / (time.perf_counter() - t0):.0f}")
+            if show and (step % 5 == 0 or step == steps - 1):
+                s = sums.tolist()
+                bar.update(1, len(y) * world, loss=s[0] / s[2], acc=s[1] / s[2])
+            else:
+                bar.update(1, len(y) * world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
+        bar.close()
         if world > 1:
             dist.all_reduce(sums)
         loss_sum, correct, n = sums.tolist()
         if not math.isfinite(loss_sum):  # every rank sees the reduced sum: all stop alike
             raise TrainingDivergedError(
-                f"training diverged: the loss became {loss_sum / n} in epoch {epoch + 1} of {config.epochs} at lr "
+                f"training diverged: the loss became {loss_sum / n} in epoch {epoch + 1} of {epochs} at lr "
                 f"{config.lr:g} ({config.optimizer}); nothing published: give a smaller --lr, or --train-norm for a "
                 "network whose BatchNorm was folded at export")
         val_loss, val_acc = evaluate(module, splits.val, batch_size=max(256, per_rank_batch), device=device)
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
             "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "images_per_s": n / train_s,
-            "seconds": train_s, "images": int(n),
+            "seconds": train_s, "images": int(n), "steps": steps,
         })
         if show:
             h = history[-1]
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} "
-                       f"val {h['val_acc']:.3f} lr {h['lr']:.4g} {h['images_per_s']:.0f} img/s")
+            print(f"epoch {epoch + 1}/{epochs}: loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} "
+                  f"val {h['val_acc']:.3f} lr {h['lr']:.4g} {h['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
         rng = [_rng_state()]
         if world > 1:
             gathered: list = [None] * world
@@ -457,7 +465,7 @@ def train_module(
         if world > 1:
             dist.barrier()
 
-    done = len(history) >= config.epochs
+    done = len(history) >= epochs
     last = history[-1] if history else None
     if last is None:  # zero epochs: score the masked network as it is
         vl, va = evaluate(module, splits.val, device=device)
@@ -482,7 +490,7 @@ def train_module(
             dist.destroy_process_group()
     return TrainResult(
         state_path=state_path, history_path=hist_path, checkpoint_path=ckpt_path, epochs=len(history),
-        epochs_target=config.epochs, completed=done, resumed_from_epoch=resumed_from,
+        epochs_target=epochs, completed=done, resumed_from_epoch=resumed_from,
         train_loss=float(last["train_loss"]), train_acc=float(last["train_acc"]), val_loss=float(last["val_loss"]),
         val_acc=float(last["val_acc"]), images_per_s=float(ips), density=_density(enforcer), device=str(device),
         world_size=world, seconds=time.perf_counter() - t_start,
@@ -500,7 +508,8 @@ def model_io(normalized_path: str | os.PathLike, image_size: tuple[int, int] | N
 
 def preprocessing_of(data: DataSplits) -> dict:
     """What a process that loads the data itself needs to prepare it as `data` was (JSON: a torchrun request)."""
-    return {"mean": list(data.mean), "std": list(data.std), "geometry": data.geometry.to_dict()}
+    return {"mean": list(data.mean), "std": list(data.std), "geometry": data.geometry.to_dict(),
+            "split_file": data.split_file}
 
 
 def sparse_train(
@@ -524,9 +533,9 @@ def sparse_train(
     if data is None:
         shape, num_classes = model_io(normalized_path, config.image_size)
         prep = preprocessing or {}
-        splits = load_data(config.data, shape, num_classes=num_classes, val_fraction=config.val_fraction,
-                           seed=config.seed, augment=config.augment, mean=prep.get("mean"), std=prep.get("std"),
-                           geometry=Geometry.from_dict(prep.get("geometry")))
+        splits = load_data(config.data, shape, num_classes=num_classes, augment=config.augment, mean=prep.get("mean"),
+                           std=prep.get("std"), geometry=Geometry.from_dict(prep.get("geometry")),
+                           split_file=prep.get("split_file"), **data_options(config))
     else:
         splits = augmented(data, config.augment)
     result = train_module(module, maskset, splits, config, run_dir, progress=progress,
