@@ -265,6 +265,10 @@ def _print_summary(summary: dict) -> None:
         click.echo(f"  input model: top-1 {summary['input_top1']:.4f} on the same images, mean/std from "
                    f"{summary['normalization']}{drop}")
         click.echo(f"  {summary['recipe']}")
+    bad = (summary.get("data") or {}).get("unreadable") or {}
+    if bad.get("unreadable"):
+        names = ", ".join(b["image"] for b in bad["first"])
+        click.echo(f"  skipped {bad['unreadable']} unreadable image(s) of {bad['images']}: {names}")
     sizes = ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in z.items())
     click.echo(f"  sizes: {sizes}")
     ratio = lat.get("ratio", {})

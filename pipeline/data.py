@@ -45,8 +45,9 @@ from pipeline.images import DEFAULT_GEOMETRY, Augment, augment_batch, fit_images
 MEMORY_MB = 512.0  # default: a file source whose decoded images fit in this many MB is held in memory
 MOMENT_IMAGES = 1000  # mean/std of a streamed source are measured on this many seeded training images
 
-__all__ = ["DataSplits", "FileData", "MEMORY_MB", "RawData", "TensorImageDataset", "augment_batch", "augmented",
-           "fit_images", "load_data", "make_loader", "map_channels", "mask_batches", "read_image", "register_source"]
+__all__ = ["MEMORY_MB", "DataSplits", "FileData", "RawData", "TensorImageDataset", "augment_batch", "augmented",
+           "data_record", "fit_images", "load_data", "make_loader", "map_channels", "mask_batches", "read_image",
+           "register_source"]
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -343,6 +344,14 @@ class DataSplits:
         return isinstance(self.train_plain, FileImageDataset)
 
 
+def data_record(splits: DataSplits) -> dict:
+    """What a report says of the data: where it came from, how it was held, the split file, the held-out images
+    scored (and how many there were before --val-images), and the unreadable images met so far."""
+    return {"source": splits.source, "held": splits.held, "split_file": splits.split_file,
+            "train_images": len(splits.train_plain), "val_images": len(splits.val), "val_total": splits.val_total,
+            "unreadable": splits.bad.summary()}
+
+
 def augmentation(input_shape: tuple[int, int, int], default_flip: bool, augment: bool = True,
                  flip: bool | None = None, pad: int | None = None) -> Augment:
     """The training augmentation: `flip` None takes the source's default; `pad` None is max(1, round(H/8)) pixels of
@@ -501,7 +510,7 @@ def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, see
     val_total = len(val_files)
     if val_images is not None and val_images < len(val_files):
         val_files = val_files.subset(_capped(torch.from_numpy(val_files.labels), val_images, seed).numpy())
-    bad = BadImages(max_bad_fraction)
+    bad = BadImages(max_bad_fraction, total=len(train_files) + len(val_files))
     n_workers = default_workers() if workers is None else int(workers)
     plain = FileImageDataset(train_files, shape, geometry, (0.0,) * c, (1.0,) * c, seed=seed, bad=bad,
                              workers=n_workers)
@@ -521,7 +530,6 @@ def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, see
         plain, val = plain.normalised(mean, std), val.normalised(mean, std)
         held = (f"streamed from disk by {n_workers} worker(s) ({decoded_mb:.0f} MB decoded would exceed "
                 f"--memory-mb {memory_mb:g})")
-    bad.check("opening the data")
     aug = augmentation(shape, raw.default_flip, augment, flip, pad)
     return DataSplits(
         train=plain.with_augment(aug), train_plain=plain, val=val, num_classes=int(num_classes),
@@ -629,7 +637,7 @@ class BatchLoader:
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
                 world_size: int = 1, drop_last: bool = False, num_workers: int | None = None,
-                pin_memory: bool = False, what: str = "data"):
+                pin_memory: bool = False):
     """A loader with `set_epoch` over this rank's share: the in-memory fast path for TensorImageDataset, DataLoader
     workers reading from disk for a FileImageDataset (`pin_memory` for CUDA), torch's DataLoader with a
     DistributedSampler for any other Dataset."""
@@ -638,7 +646,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed
                            drop_last=drop_last)
     if isinstance(dataset, FileImageDataset):
         return FileLoader(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                          drop_last=drop_last, workers=num_workers, pin_memory=pin_memory, what=what)
+                          drop_last=drop_last, workers=num_workers, pin_memory=pin_memory)
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 

@@ -166,11 +166,13 @@ def list_shards(shards: Sequence[Path], names_from: Path) -> FileList:
 
 @dataclass
 class BadImages:
-    """The images of one run's data that could not be decoded, and how many were read; shared by the splits of
-    one opened data set (main process: what DataLoader workers report with their batches)."""
+    """The images of one run's data that could not be decoded; shared by the splits of one opened data set (main
+    process: what DataLoader workers report with their batches). The limit is on the share of the data set's
+    `total` images found unreadable so far, so it never stops a run on an early sample that happened to hold one."""
 
     max_fraction: float = MAX_BAD_FRACTION
-    read: int = 0
+    total: int = 0  # images the data set lists
+    read: int = 0  # images decoded or tried, re-reads included
     bad: dict[str, str] = field(default_factory=dict)  # name -> the decoder's complaint, in the order found
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -179,22 +181,24 @@ class BadImages:
             self.read += int(read)
             for name, why in bad:
                 self.bad.setdefault(name, why)
+        if bad:
+            self.check()
 
-    def check(self, where: str) -> None:
-        """DataError when more than `max_fraction` of the images read so far were unreadable."""
-        n = len(self.bad)
-        if n and n > self.max_fraction * max(self.read, 1):
-            raise DataError(f"{n} of {self.read} images read ({where}) are unreadable ({n / max(self.read, 1):.2%}, "
-                            f"limit {self.max_fraction:.2%}): {self.first(3)}; repair or remove them, or raise "
-                            "--max-bad-fraction")
+    def check(self) -> None:
+        """DataError when more than `max_fraction` of the data set's images are known to be unreadable."""
+        n, total = len(self.bad), max(self.total, 1)
+        if n > self.max_fraction * total:
+            raise DataError(f"{n} of the {total} images are unreadable ({n / total:.2%}, limit {self.max_fraction:.2%}"
+                            f"): {self.first(3)}; repair or remove them, or raise --max-bad-fraction")
 
     def first(self, n: int = NAMED_BAD) -> str:
         names = list(self.bad)
         return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
     def summary(self) -> dict:
-        """What the report says: how many were read and skipped, and the first NAMED_BAD by name."""
-        return {"read": self.read, "unreadable": len(self.bad),
+        """What the report says: how many images the data holds and how many were skipped, the first NAMED_BAD by
+        name."""
+        return {"images": self.total, "unreadable": len(self.bad),
                 "first": [{"image": k, "error": v} for k, v in list(self.bad.items())[:NAMED_BAD]]}
 
 
@@ -328,10 +332,10 @@ class FileLoader:
 
     def __init__(self, dataset: FileImageDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False, workers: int | None = None,
-                 pin_memory: bool = False, what: str = "data"):
+                 pin_memory: bool = False):
         from torch.utils.data.distributed import DistributedSampler
 
-        self.dataset, self.batch_size, self.drop_last, self.what = dataset, int(batch_size), drop_last, what
+        self.dataset, self.batch_size, self.drop_last = dataset, int(batch_size), drop_last
         self.sampler = DistributedSampler(range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=shuffle,
                                           seed=seed, drop_last=False)
         self.tagged = _EpochSampler(self.sampler)
@@ -350,7 +354,6 @@ class FileLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from _counted(self.loader, self.dataset.bad)
-        self.dataset.bad.check(self.what)
 
 
 def default_workers() -> int:

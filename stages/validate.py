@@ -18,6 +18,7 @@ import torch
 
 from pipeline.artifacts import RunFiles, write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig
+from pipeline.data import data_record
 from pipeline.devices import resolve_device
 from pipeline.stage import DATA_FIELDS, Stage
 from stages.measure.forms import Form, by_role, int8_sparse_form, measure_forms
@@ -49,6 +50,7 @@ def validate(
     int8_path: str | Path | None = None,
     int8_info: dict | None = None,
     input_scores: tuple[float, float] | None = None,
+    data_info: dict | None = None,
     val,
     reference=None,
     latency_runs: int = 30,
@@ -63,7 +65,8 @@ def validate(
     normalised model before a channel cut; sparsity and the costs' "input" column are then measured against it.
     `compact_path` / `int8_path`: the other forms of the model (sparse initializers, INT8), measured with the same
     code and gated too (`int8_info`: what the quantize stage reported). `input_scores`: the input's (top-1, top-5)
-    on `val` when already measured (the checks before the run score it), so it is not scored again.
+    on `val` when already measured (the checks before the run score it), so it is not scored again. `data_info`:
+    what the report says of the data (pipeline.data.data_record).
     """
     exported_path, run_dir = Path(exported_path), Path(run_dir)
     input_path = Path(input_path or config.model)
@@ -126,6 +129,7 @@ def validate(
         costs=costs,
         forms=tuple(measured),
         int8=int8_info,
+        data=dict(data_info or {}),
         **_from_masks_sidecar(masks_path),
     )
     history = read_history(history_path)
@@ -205,9 +209,10 @@ def validate_stage(exported, trained, masks, config, run_dir: str, data, graph: 
                     state_path=trained.state_path, history_path=trained.history_path, masks_path=masks.masks_path,
                     uncut_path=uncut, compact_path=exported.compact_path,
                     int8_path=quantized.out_path if quantized is not None else None, int8_info=int8_info,
-                    input_scores=input_scores, val=data.val)
+                    input_scores=input_scores, val=data.val,
+                    data_info={**data_record(data), "max_steps": config.max_steps})
 
 
 STAGE = Stage("validate", validate_stage, outputs=(RunFiles.REPORT_JSON, RunFiles.REPORT_MD),
               reads=DATA_FIELDS | {"model", "name", "image_size", "device", "method", "sparsity", "min_accuracy",
-                                   "baseline_accuracy", "max_drop", "parity_tol"})
+                                   "baseline_accuracy", "max_drop", "parity_tol", "max_steps"})

@@ -51,6 +51,7 @@ class ValidationReport:
     channels: dict = dataclasses.field(default_factory=dict)  # channel cut: kept/total channels, blocked nodes
     forms: tuple[dict, ...] = ()  # every form measured (stages.measure.forms): input, fp32, compact, int8, ...
     int8: dict = dataclasses.field(default_factory=dict)  # the quantize stage's notes: FP32 nodes, CPU features
+    data: dict = dataclasses.field(default_factory=dict)  # pipeline.data.data_record: source, split, bounds, bad files
 
     @property
     def passed(self) -> bool:
@@ -93,6 +94,26 @@ def _mb(n: int | None) -> str:
     return "–" if n is None else f"{n / 1e6:.3f} MB"
 
 
+def _capped(report: ValidationReport) -> str:
+    total = report.data.get("val_total")
+    return f" of {total}, --val-images" if total else ""
+
+
+def _data_rows(report: ValidationReport) -> list[str]:
+    d = report.data
+    if not d:
+        return []
+    rows = [f"| data | {d.get('source', '')}; {d.get('held', '')} |"]
+    if d.get("max_steps"):
+        rows.append(f"| training bounded by | --max-steps {d['max_steps']} |")
+    bad = d.get("unreadable") or {}
+    if bad.get("unreadable"):
+        names = ", ".join(f"`{b['image']}`" for b in bad["first"])
+        rows.append(f"| unreadable images skipped | {bad['unreadable']} of {bad['images']}: {names}"
+                    f"{' …' if bad['unreadable'] > len(bad['first']) else ''} |")
+    return rows
+
+
 def render_markdown(report: ValidationReport, config) -> str:
     s, lat = report.sparsity, report.latency_ms
     verdict = "PASSED" if report.passed else "FAILED"
@@ -107,7 +128,9 @@ def render_markdown(report: ValidationReport, config) -> str:
         "",
         "| figure | value |",
         "| --- | --- |",
-        f"| top-1 / top-5 (held-out, {report.n_val} images) | {report.top1:.4f} / {report.top5:.4f} |",
+        f"| top-1 / top-5 (held-out, {report.n_val} images{_capped(report)}) | {report.top1:.4f} / "
+        f"{report.top5:.4f} |",
+        *_data_rows(report),
         f"| sparsity of prunable weights | {s.sparsity:.4f} ({s.prunable_zeros:,} of {s.prunable_total:,} "
         f"{'removed or zero' if report.structure == 'channel' else 'zero'}) |",
         f"| sparsity of all parameters | {s.params_sparsity:.4f} ({s.params_zeros:,} of {s.params_total:,} zero) |",

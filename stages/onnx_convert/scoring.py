@@ -80,7 +80,7 @@ def numpy_batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.nda
     """(images float32, labels) of `dataset` in order, `batch_size` at a time (a streamed set read by its DataLoader
     workers, never whole)."""
     if hasattr(dataset, "batches"):  # pipeline.data's image sets, in memory or streamed
-        for x, y in make_loader(dataset, batch_size, shuffle=False, what="scoring"):
+        for x, y in make_loader(dataset, batch_size, shuffle=False):
             yield x.numpy().astype(np.float32, copy=False), y.numpy()
         return
     for start in range(0, len(dataset), batch_size):

@@ -59,10 +59,13 @@ class Request:
     def describe_input(self, config: CompressConfig) -> list[str]:
         """What the checks found about the input, one line each: its score, the preprocessing and the recipe, and a
         warning when --max-drop would be measured from a score near chance."""
+        capped = f" (of {self.data.val_total}, --val-images)" if self.data.val_total else ""
         lines = [f"input model: top-1 {self.input_top1:.4f}, top-5 {self.input_top5:.4f} on {len(self.data.val)} "
-                 f"held-out images (onnxruntime)",
+                 f"held-out images{capped} (onnxruntime)",
                  f"preprocessing: {self.data.geometry.describe()} (from {self.data.geometry_from}); mean/std from "
                  f"{self.data.normalization}",
+                 f"data: {self.data.source}, {self.data.held}" + (f"; split {self.data.split_file}"
+                                                                   if self.data.split_file else ""),
                  self.recipe_reason]
         if config.max_drop is not None and config.baseline_accuracy is None and self.looks_untrained:
             lines.append(f"warning: the input scores {self.input_top1:.4f} with {self.num_classes} classes, near "

@@ -68,6 +68,7 @@ class RunSummary:
     normalization: str = ""  # where the input's mean/std came from (options, a preset, the input's metadata, data)
     geometry: str = ""  # the resize and crop before the model's input, and where they came from
     recipe: str = ""  # the training recipe run (scratch or finetune), and why
+    data: dict = field(default_factory=dict)  # pipeline.data.data_record: source, how held, split, unreadable images
     report: ValidationReport | None = field(default=None, repr=False, compare=False)  # in memory only
 
     @property
@@ -184,6 +185,7 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         input_top1=request.input_top1, baseline_accuracy=config.baseline_accuracy if config.max_drop is not None
         else None, normalization=data.normalization, report=report,
         geometry=f"{data.geometry.describe()} (from {data.geometry_from})", recipe=request.recipe_reason,
+        data=report.data,
     )
     write_json_atomic(run_dir / RunFiles.SUMMARY, summary.to_dict())
     return summary

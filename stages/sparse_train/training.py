@@ -242,7 +242,7 @@ def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int = 256,
     was_training = module.training
     module.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    loader = make_loader(dataset, batch_size, shuffle=False, pin_memory=device.type == "cuda", what="validation")
+    loader = make_loader(dataset, batch_size, shuffle=False, pin_memory=device.type == "cuda")
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if device.type == "cuda":
@@ -363,7 +363,7 @@ def train_module(
     optimizer = make_optimizer(module, config)
     per_rank_batch = max(1, config.batch_size // world)
     loader = make_loader(splits.train, per_rank_batch, shuffle=True, seed=config.seed, rank=rank, world_size=world,
-                         pin_memory=device.type == "cuda", what="training")
+                         pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     epochs, total_steps = planned_epochs(config.epochs, config.max_steps, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_schedule, total_steps))
