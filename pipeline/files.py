@@ -29,7 +29,8 @@ from pipeline.images import IMAGE_EXTENSIONS, Augment, augment_batch, map_channe
 
 MAX_BAD_FRACTION = 0.001  # default: a pass that finds more than this share of its images unreadable stops the run
 NAMED_BAD = 10  # unreadable images named in the report
-READ_LOG_ENV = "FORCE_COMPRESS_READ_LOG"  # debugging the data plane: each process appends "rank epoch index" lines
+READ_LOG_ENV = "FORCE_COMPRESS_READ_LOG"  # debugging the data plane: each process appends "epoch name" lines to
+# $FORCE_COMPRESS_READ_LOG.<rank> (torchrun workers) or .main
 _SHARD_LABEL_EXTS = ("cls", "label")
 
 
@@ -245,7 +246,7 @@ class FileImageDataset(Dataset):
     def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:
         """(normalised image, label, "" or why it is unreadable) of item (index, epoch) or index."""
         i, epoch = item if isinstance(item, tuple) else (item, 0)
-        _log_read(i, epoch)
+        _log_read(str(self.files.names[i]), epoch)
         try:
             x = self.pixels(i)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
@@ -302,11 +303,12 @@ def _counted(loader, bad: BadImages) -> Iterator[tuple[torch.Tensor, torch.Tenso
             yield x, y
 
 
-def _log_read(i: int, epoch: int) -> None:
+def _log_read(name: str, epoch: int) -> None:
     path = os.environ.get(READ_LOG_ENV)
     if path:
-        with open(f"{path}.{os.environ.get('RANK', '0')}", "a") as f:
-            f.write(f"{os.environ.get('RANK', '0')} {epoch} {i}\n")
+        rank = os.environ.get("RANK", "main")  # a torchrun worker, or the process that runs the other stages
+        with open(f"{path}.{rank}", "a") as f:
+            f.write(f"{epoch} {name}\n")
 
 
 # --------------------------------------------------------------------------------------------------- loader

@@ -140,7 +140,7 @@ def test_imagefolder_unreadable_images_counted_and_refused_above_threshold(tmp_p
     _write_images(tmp_path / "a", 5)
     _write_images(tmp_path / "b", 5)
     (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"1 of 11 images read .* unreadable .*broken\.png.*--max-bad-fraction"):
+    with pytest.raises(DataError, match=r"1 of the 11 images are unreadable .*broken\.png.*--max-bad-fraction"):
         load_data(f"imagefolder:{tmp_path}", (3, 8, 8), num_classes=2)
     s = load_data(f"imagefolder:{tmp_path}", (3, 8, 8), num_classes=2, max_bad_fraction=0.2)
     assert len(s.train) + len(s.val) == 10
