@@ -12,6 +12,7 @@ STRUCTURE ?=
 QUANTIZE ?=
 DATA ?=
 EPOCHS ?=
+MAX_STEPS ?=
 DEVICE ?=
 NPROC ?=
 REGISTRY ?=
@@ -24,7 +25,7 @@ METHODS ?=
 MAX_DROP ?=
 JOBS ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained compress sweep serve clean distclean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained bench-data gpu-check compress sweep serve clean distclean
 
 install: $(BIN)/.installed
 
@@ -61,6 +62,13 @@ bench-structured: install
 bench-trained: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_trained.py
 
+bench-data: install
+	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_data.py
+
+# masks, a training epoch and validation of resnet50 at 224 on CUDA over a synthetic folder; skips without a GPU
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
+
 # Any torchvision architecture at initialization, 10 classes at 32x32 (the digits default):
 # `make compress MODEL=resnet50.onnx` creates resnet50.onnx first when it does not exist.
 %.onnx: | install
@@ -71,8 +79,8 @@ compress: install $(MODEL)
 		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) \
 		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(PREPROCESSING),--preprocessing $(PREPROCESSING)) \
 		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(NPROC),--nproc $(NPROC)) \
-		$(if $(REGISTRY),--registry $(REGISTRY))
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(NPROC),--nproc $(NPROC)) $(if $(REGISTRY),--registry $(REGISTRY))
 
 # One cell per method and sparsity, the Pareto table and plot in runs/sweep-*/, the sparsest passing model published.
 sweep: install $(MODEL)

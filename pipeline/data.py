@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -462,7 +462,7 @@ def load_data(
     if val_images is not None and val_images < len(y_va):
         keep = _capped(y_va, val_images, seed)
         x_va, y_va = x_va[keep], y_va[keep]
-    mean, std = _moments(mean, std, c, lambda: x_tr)
+    mean, std = _moments(mean, std, c, lambda: [x_tr])
     aug = augmentation((c, h, w), raw.default_flip, augment, flip, pad)
     train_plain = TensorImageDataset(x_tr, y_tr, mean, std)
     mb = (raw.x.numel() + (0 if raw.x_val is None else raw.x_val.numel())) * 4 / 2**20
@@ -475,12 +475,20 @@ def load_data(
     )
 
 
-def _moments(mean, std, channels: int, images: Callable[[], torch.Tensor]) -> tuple[tuple, tuple]:
-    """mean/std as given, else per channel of `images()` (N, C, H, W)."""
+def _moments(mean, std, channels: int, batches: Callable[[], Iterable[torch.Tensor]]) -> tuple[tuple, tuple]:
+    """mean/std as given, else per channel over the images of `batches()` ((N, C, H, W) each, summed batch by
+    batch: a streamed sample is never held whole)."""
     if mean is None or std is None:
-        x = images()
-        mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3))) if mean is None else mean
-        std = tuple(max(float(v), 1e-6) for v in x.std(dim=(0, 2, 3))) if std is None else std
+        total = torch.zeros(3, channels, dtype=torch.float64)  # count, sum, sum of squares per channel
+        for x in batches():
+            x = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+            total += torch.stack([torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64), x.sum(1),
+                                  (x * x).sum(1)])
+        n, s1, s2 = total
+        m = s1 / n.clamp(min=1)
+        var = ((s2 - n * m * m) / (n - 1).clamp(min=1)).clamp(min=0)  # unbiased, as torch.std
+        mean = tuple(float(v) for v in m) if mean is None else mean
+        std = tuple(max(float(v), 1e-6) for v in var.sqrt()) if std is None else std
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if len(mean) != channels or len(std) != channels:
         raise DataError(f"mean/std have {len(mean)}/{len(std)} values but the model has {channels} channels")
@@ -518,15 +526,15 @@ def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, see
     decoded_mb = (len(train_files) + len(val_files)) * c * h * w * 4 / 2**20
     if decoded_mb <= memory_mb:  # a small set: decoded once (by the workers), then served from memory
         plain, val = _decoded(plain), _decoded(val)
-        mean, std = _moments(mean, std, c, lambda: plain.x)
+        mean, std = _moments(mean, std, c, lambda: [plain.x])
         plain, val = (TensorImageDataset(d.x, d.y, mean, std) for d in (plain, val))
         held = f"in memory ({decoded_mb:.0f} MB decoded, within --memory-mb {memory_mb:g})"
     else:
         if mean is None or std is None:  # moments of a seeded sample of the training images, not of them all
             n = min(len(plain), MOMENT_IMAGES)
             pick = torch.randperm(len(plain), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-            mean, std = _moments(mean, std, c, lambda: torch.cat([x for x, _ in plain.batches(pick.split(64))]))
-        mean, std = _moments(mean, std, c, lambda: None)
+            mean, std = _moments(mean, std, c, lambda: (x for x, _ in plain.batches(pick.split(64))))
+        mean, std = _moments(mean, std, c, lambda: [])
         plain, val = plain.normalised(mean, std), val.normalised(mean, std)
         held = (f"streamed from disk by {n_workers} worker(s) ({decoded_mb:.0f} MB decoded would exceed "
                 f"--memory-mb {memory_mb:g})")

@@ -14,7 +14,6 @@ import io
 import math
 import os
 import tarfile
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,13 +174,11 @@ class BadImages:
     total: int = 0  # images the data set lists
     read: int = 0  # images decoded or tried, re-reads included
     bad: dict[str, str] = field(default_factory=dict)  # name -> the decoder's complaint, in the order found
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, read: int, bad: Sequence[tuple[str, str]]) -> None:
-        with self._lock:
-            self.read += int(read)
-            for name, why in bad:
-                self.bad.setdefault(name, why)
+        self.read += int(read)  # a count for the log: a race between a sweep's threads costs nothing
+        for name, why in bad:
+            self.bad.setdefault(name, why)
         if bad:
             self.check()
 
