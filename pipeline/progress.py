@@ -4,12 +4,33 @@ silent and a short one stays quiet."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
 LOG_EVERY_S = 60.0
+_SINKS: list[Callable[[str], None]] = []
+
+
+def say(line: str) -> None:
+    """A progress line of long work: on stderr, and to every sink forwarded to (a Prefect run's logger, which does
+    not capture stderr)."""
+    print(line, file=sys.stderr, flush=True)
+    for sink in list(_SINKS):
+        sink(line)
+
+
+@contextlib.contextmanager
+def forwarded_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, every `say` line also goes to `sink`."""
+    _SINKS.append(sink)
+    try:
+        yield
+    finally:
+        _SINKS.remove(sink)
 
 
 def _clock(seconds: float) -> str:
@@ -50,8 +71,8 @@ class Progress:
         if now - self.last >= self.every_s and self.done < self.total:
             self.last = now
             extra = "".join(f" {k} {v}" for k, v in shown.items())
-            print(f"{self.desc}: {self.done}/{self.total} steps, {self.rate():.1f} img/s, ETA {_clock(self.eta())}"
-                  f"{extra}", file=sys.stderr, flush=True)
+            eta = _clock(self.eta())
+            say(f"{self.desc}: {self.done}/{self.total} steps, {self.rate():.1f} img/s, ETA {eta}{extra}")
 
     def close(self) -> None:
         if self.bar is not None:

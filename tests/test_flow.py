@@ -75,6 +75,8 @@ def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_
     assert report is not None and "Gate: PASSED" in report.data and "dense speed" in report.data
     layers = Artifact.get("force-compress-layers")
     assert layers is not None and "density" in layers.data
+    lines = _logged_lines()  # the training's epoch line (stderr on a terminal) is in the run's log too
+    assert any(line.startswith("epoch 1/1: loss") and "img/s" in line for line in lines), lines[-20:]
     run_dir = Path(first["run_dir"])
     before = _inodes(run_dir)
 
@@ -85,6 +87,15 @@ def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_
     (run_dir / "masks.npz").unlink()  # a cached stage whose output is gone runs again
     third = force_compress(**params)
     assert (run_dir / "masks.npz").exists() and third["published"]
+
+
+def _logged_lines() -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs()]
 
 
 def test_a_failed_gate_fails_the_flow_run_and_publishes_nothing(prefect_harness, tiny_at_init, tmp_path):

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -48,7 +47,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, DataError, TrainingDivergedError
 from pipeline.geometry import Geometry
 from pipeline.plotting import drawn_alone
-from pipeline.progress import Progress
+from pipeline.progress import Progress, say
 from stages.onnx_convert.mask_file import load_masks
 from stages.onnx_convert.scoring import classifier_io
 from stages.onnx_convert.to_torch import load_module
@@ -346,9 +345,9 @@ def train_module(
     if world > 1 and device.type == "cuda":
         sync_batchnorm_(module)  # before the optimizer; the parameters are the same tensors anyway
     elif world > 1 and is_main and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        print(f"note: BatchNorm on CPU under {world} processes normalises over each process's "
-              f"{max(1, config.batch_size // world)} images, not the global batch of {config.batch_size} "
-              "(SyncBatchNorm needs CUDA)", file=sys.stderr, flush=True)
+        say(f"note: BatchNorm on CPU under {world} processes normalises over each process's "
+            f"{max(1, config.batch_size // world)} images, not the global batch of {config.batch_size} "
+            "(SyncBatchNorm needs CUDA)")
     module.to(device)
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)
@@ -386,9 +385,8 @@ def train_module(
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
             _apply_(enforcer)
             enforcer.mask_optimizer_state_(optimizer)
-            if is_main:  # stderr: under Prefect's log_prints this line goes to the run's log
-                print(f"resuming from epoch {start_epoch} of {epochs} ({ckpt_path})", file=sys.stderr,
-                      flush=True)
+            if is_main:
+                say(f"resuming from epoch {start_epoch} of {epochs} ({ckpt_path})")
         elif is_main:
             warnings.warn(f"{ckpt_path} belongs to another recipe or other masks; training from scratch", stacklevel=2)
     resumed_from = start_epoch
@@ -446,8 +444,8 @@ def train_module(
         })
         if show:
             h = history[-1]
-            print(f"epoch {epoch + 1}/{epochs}: loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} "
-                  f"val {h['val_acc']:.3f} lr {h['lr']:.4g} {h['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+            say(f"epoch {epoch + 1}/{epochs}: loss {h['train_loss']:.4f} acc {h['train_acc']:.3f} "
+                f"val {h['val_acc']:.3f} lr {h['lr']:.4g} {h['images_per_s']:.0f} img/s")
         rng = [_rng_state()]
         if world > 1:
             gathered: list = [None] * world

@@ -31,6 +31,7 @@ from pipeline.artifacts import write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig, ConfigView, make_config
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ForceCompressError
+from pipeline.progress import say
 from stages.sparse_train.training import sparse_train
 
 REQUEST = "train_request.json"  # the parent's inputs for the workers: graph, masks, the config fields the stage reads
@@ -139,7 +140,7 @@ def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str |
                     marks.append(json.loads(text[len(ERROR_MARK):]))
                 continue
             worker_lines.append(text if local_rank == 0 else f"[rank {local_rank}] {text}")
-            print(worker_lines[-1], file=sys.stderr, flush=True)
+            say(worker_lines[-1])
         rc = proc.wait()
     except BaseException:  # an error here, Ctrl-C, a Prefect cancellation: stop torchrun and its workers
         _stop(proc)
