@@ -24,7 +24,6 @@ from prefect.states import Failed
 
 from pipeline.config import CompressConfig, make_config
 from pipeline.errors import GateFailedError, RunStoppedError
-from pipeline.progress import forwarded_to
 from stages.measure.report import layer_table
 from stages.run.calls import StageCall, describe
 from stages.run.checks import checked_request
@@ -67,8 +66,7 @@ def run_stage_as_task(call: StageCall):
     logger = get_run_logger()
     logger.info("stage %s: started", call.name)
     t = time.perf_counter()
-    with forwarded_to(logger.info):  # epoch and progress lines (stderr) into the run's log
-        result = _task_for(call)(**call.kwargs)
+    result = _task_for(call)(**call.kwargs)
     logger.info("stage %s: %.1fs  %s", call.name, time.perf_counter() - t, describe(result))
     return result
 

@@ -4,33 +4,17 @@ silent and a short one stays quiet."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
 LOG_EVERY_S = 60.0
-_SINKS: list[Callable[[str], None]] = []
 
 
 def say(line: str) -> None:
-    """A progress line of long work: on stderr, and to every sink forwarded to (a Prefect run's logger, which does
-    not capture stderr)."""
+    """A line about long work, on stderr. Under a Prefect run, `log_prints` puts it in the run's log as well."""
     print(line, file=sys.stderr, flush=True)
-    for sink in list(_SINKS):
-        sink(line)
-
-
-@contextlib.contextmanager
-def forwarded_to(sink: Callable[[str], None]) -> Iterator[None]:
-    """Within the block, every `say` line also goes to `sink`."""
-    _SINKS.append(sink)
-    try:
-        yield
-    finally:
-        _SINKS.remove(sink)
 
 
 def _clock(seconds: float) -> str:

@@ -66,7 +66,8 @@ def _inodes(run_dir: Path) -> dict[str, int]:
     return {n: os.stat(run_dir / n).st_ino for n in names}
 
 
-def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_harness, tiny_at_init, tmp_path):
+def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_harness, tiny_at_init, tmp_path,
+                                                                        info_logs):
     params = dict(model=tiny_at_init, sparsity=0.9, epochs=1, steps=2, mask_batch_size=64, batch_size=64,
                   min_accuracy=0.15, registry=str(tmp_path / "registry"), runs_dir=str(tmp_path / "runs"))
     first = force_compress(**params)
@@ -89,11 +90,26 @@ def test_flow_publishes_and_a_repeated_request_is_served_from_the_cache(prefect_
     assert (run_dir / "masks.npz").exists() and third["published"]
 
 
+@pytest.fixture
+def info_logs():
+    """The suite runs Prefect at WARNING (conftest); the run loggers at INFO here, to read what a run logs."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    handlers = {h for lg in loggers for h in lg.handlers}
+    before = [(x, x.level) for x in [*loggers, *handlers]]
+    for x, _ in before:
+        x.setLevel(logging.INFO)
+    yield
+    for x, level in before:
+        x.setLevel(level)
+
+
 def _logged_lines() -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogHandler
 
-    APILogHandler.flush()
+    APILogHandler().flush()  # send what the run logged before reading it back
     with get_client(sync_client=True) as client:
         return [log.message for log in client.read_logs()]
 
