@@ -4,7 +4,8 @@ plain torchvision loop reading the same files?
 1. Memory. Synthetic JPEG folders made here (224x224, 10 classes; benchmarks/synthetic_images.py) of 2,000 and
    20,000 images, and the same images as WebDataset shards. For each, `force-compress compress MODEL --data ...
    --epochs 1 --no-prefect` runs as a user runs it, in a subprocess, while this script samples the resident memory
-   of its whole process tree (the run and its DataLoader workers) every 0.2 s. Target: peak at 20,000 ≤ 1.10x peak
+   of its whole process tree (the run and its DataLoader workers; PSS, so the pages a forked worker shares with the
+   run and the libraries every process maps count once) every 0.2 s. Target: peak at 20,000 ≤ 1.10x peak
    at 2,000, per source. QUICK bounds each run with `--max-steps 20 --val-images 500` instead of a whole epoch
    (the same streaming path: the file lists, the split and the workers are all there; ~25 minutes become ~5).
 2. Throughput. In this process, on the 2,000-image folder and the same model, interleaved rounds of
@@ -82,10 +83,22 @@ def model_file() -> Path:
 # ------------------------------------------------------------------------------------------------- memory
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants (from /proc)."""
+def _pss(pid: int) -> int:
+    """Proportional set size of `pid` in bytes: its private pages plus its share of pages it shares (the libraries
+    every worker maps, the pages a forked worker still shares with the run), so a tree's sum counts each page once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_memory(pid: int) -> int:
+    """Resident bytes (PSS) of `pid` and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -93,13 +106,12 @@ def _tree_rss(pid: int) -> int:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, IndexError, ValueError):
             continue
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        total += _pss(p)
         todo += children.get(p, [])
     return total
 
@@ -116,7 +128,7 @@ def memory_cell(spec: str, model: Path, name: str) -> dict:
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            peak[0] = max(peak[0], _tree_memory(proc.pid))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -128,7 +140,7 @@ def memory_cell(spec: str, model: Path, name: str) -> dict:
         raise SystemExit(f"{name}: compress exited {proc.returncode}: {err[-2000:]}")
     summary = json.loads(out)
     history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["epochs"]
-    return {"cell": name, "spec": spec, "peak_rss_mib": round(peak[0] / 2**20, 1),
+    return {"cell": name, "spec": spec, "peak_pss_mib": round(peak[0] / 2**20, 1),
             "seconds": round(time.perf_counter() - t0, 1), "train_images_per_s": round(history[-1]["images_per_s"], 1),
             "held": summary["data"]["held"], "train_images": summary["data"]["train_images"],
             "top1": summary["top1"]}
@@ -177,11 +189,12 @@ def _our_rate(module: nn.Module, splits, steps: int, work: Path) -> float:
     return result.images_per_s
 
 
-def throughput(model: Path, folder: Path) -> dict:
+def throughput(folder: Path) -> dict:
     from pipeline.data import load_data
     from stages.onnx_convert.to_torch import load_module
 
-    module, _ = load_module(model)
+    normalized = next((WORK / "cells" / f"folder_{SIZES[0]}" / "runs").glob("*/normalized.onnx"))  # as imported
+    module, _ = load_module(normalized)
     splits = load_data(f"imagefolder:{folder}", (3, IMAGE, IMAGE), num_classes=10, memory_mb=0, workers=WORKERS)
     ref, ours = [], []
     for r in range(ROUNDS):
@@ -215,13 +228,13 @@ def main() -> None:
                 cells[name] = memory_cell(spec, model, name)
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 out_json.write_text(json.dumps(results, indent=1))
-            print(f"{name}: peak {cells[name]['peak_rss_mib']} MiB, {cells[name]['seconds']} s", flush=True)
-    growth = {kind: round(cells[f"{kind}_{SIZES[1]}"]["peak_rss_mib"] / cells[f"{kind}_{SIZES[0]}"]["peak_rss_mib"], 3)
+            print(f"{name}: peak {cells[name]['peak_pss_mib']} MiB, {cells[name]['seconds']} s", flush=True)
+    growth = {kind: round(cells[f"{kind}_{SIZES[1]}"]["peak_pss_mib"] / cells[f"{kind}_{SIZES[0]}"]["peak_pss_mib"], 3)
               for kind in ("folder", "shards")}
     results["growth"] = growth
     if "throughput" not in results:
         print("throughput: reference ImageFolder loop vs ours ...", flush=True)
-        results["throughput"] = throughput(model, WORK / f"folder_{SIZES[0]}")
+        results["throughput"] = throughput(WORK / f"folder_{SIZES[0]}")
     results["seconds_this_call"] = round(time.perf_counter() - t0, 1)
     out_json.write_text(json.dumps(results, indent=1))
     write_markdown(results, RESULTS / f"bench_data{TAG}.md")
@@ -233,10 +246,10 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [f"# bench_data{TAG}: memory and throughput over image sets on disk ({results['model']}, 224x224)", "",
              f"Each cell: `force-compress compress {results['model']} --data SPEC {' '.join(BOUND)}` in a "
              "subprocess.", "",
-             "| source | images | peak RSS, run + workers (MiB) | epoch img/s | seconds | held |",
+             "| source | images | peak memory, run + workers (PSS, MiB) | epoch img/s | seconds | held |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for c in cells.values():
-        lines.append(f"| {c['cell'].split('_')[0]} | {c['cell'].split('_')[1]} | {c['peak_rss_mib']} | "
+        lines.append(f"| {c['cell'].split('_')[0]} | {c['cell'].split('_')[1]} | {c['peak_pss_mib']} | "
                      f"{c['train_images_per_s']} | {c['seconds']} | {c['held']} |")
     lines += ["", "Peak at 20,000 ÷ peak at 2,000 (target ≤ 1.10): " + ", ".join(
         f"{k} {v:.3f}" for k, v in results["growth"].items()), "",

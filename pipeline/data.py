@@ -288,6 +288,10 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = augment_batch(self.x[idx], self.augment, generator)
         return (x - self.mean) / self.std, self.y[idx]

@@ -341,7 +341,8 @@ class FileLoader:
         n = dataset._workers(workers, len(self))
         self.loader = DataLoader(_Named(dataset), batch_size=self.batch_size, sampler=self.tagged,
                                  collate_fn=dataset.collate, num_workers=n, persistent_workers=n > 0,
-                                 pin_memory=pin_memory, drop_last=drop_last, prefetch_factor=4 if n else None)
+                                 pin_memory=pin_memory, drop_last=drop_last,
+                                 prefetch_factor=prefetch_factor(n, self.batch_size, dataset.shape) if n else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -353,6 +354,22 @@ class FileLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from _counted(self.loader, self.dataset.bad)
+
+
+IN_FLIGHT_MB = 256  # decoded batches waiting in the workers' queues, at most (at least one a worker)
+
+
+def prefetch_factor(workers: int, batch_size: int, shape) -> int:
+    """Batches each worker reads ahead: up to 4, fewer where that many would hold more than IN_FLIGHT_MB (128
+    images at 224x224 are 77 MB a batch). A worker that decodes slower than the loop consumes is kept busy by one."""
+    batch_mb = batch_size * math.prod(shape) * 4 / 2**20
+    return max(1, min(4, int(IN_FLIGHT_MB // max(workers * batch_mb, 1e-9))))
+
+
+def scoring_batch(shape, cap: int = 256, batch_mb: float = 32.0) -> int:
+    """Images a batch when a model only scores (no gradients): `cap`, or fewer where a batch of them would pass
+    `batch_mb` (53 images at 3x224x224), so scoring a large held-out set holds as little as one training step."""
+    return max(1, min(cap, int(batch_mb * 2**20 // (math.prod(shape) * 4))))
 
 
 def default_workers() -> int:

@@ -14,6 +14,7 @@ import onnx
 
 from pipeline.data import make_loader
 from pipeline.errors import BadInputError
+from pipeline.files import scoring_batch
 from pipeline.progress import Progress
 from stages.onnx_convert import runtime
 from stages.onnx_convert.passes._graph import real_inputs
@@ -97,10 +98,12 @@ def first_images(dataset, n: int = 16) -> np.ndarray:
     return next(numpy_batches(dataset, n))[0]
 
 
-def accuracy(session, dataset, batch_size: int = 256) -> tuple[float, float]:
-    """Top-1 and top-5 of `session` on `dataset`."""
+def accuracy(session, dataset, batch_size: int | None = None) -> tuple[float, float]:
+    """Top-1 and top-5 of `session` on `dataset` (in batches of a bounded size: see scoring_batch)."""
     if len(dataset) == 0:
         raise BadInputError(EMPTY_SPLIT)
+    shape = getattr(dataset, "shape", None)
+    batch_size = batch_size or (scoring_batch(shape) if shape else 256)
     hits1 = hits5 = n = 0
     progress = Progress("scoring", math.ceil(len(dataset) / batch_size), len(dataset))
     for x, y in numpy_batches(dataset, batch_size):

@@ -45,6 +45,7 @@ from pipeline.config import CompressConfig, data_options
 from pipeline.data import DataSplits, ImageSet, augmented, load_data, make_loader, mask_batches
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, DataError, TrainingDivergedError
+from pipeline.files import scoring_batch
 from pipeline.geometry import Geometry
 from pipeline.plotting import drawn_alone
 from pipeline.progress import Progress, say
@@ -234,10 +235,11 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int = 256,
+def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int | None = None,
              device: torch.device | str = "cpu") -> tuple[float, float]:
     """(mean cross-entropy, top-1 accuracy) of `module` on `dataset`, in eval mode; restores the module's mode."""
     device = torch.device(device)
+    batch_size = batch_size or scoring_batch(dataset.shape)
     was_training = module.training
     module.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -436,7 +438,8 @@ def train_module(
                 f"training diverged: the loss became {loss_sum / n} in epoch {epoch + 1} of {epochs} at lr "
                 f"{config.lr:g} ({config.optimizer}); nothing published: give a smaller --lr, or --train-norm for a "
                 "network whose BatchNorm was folded at export")
-        val_loss, val_acc = evaluate(module, splits.val, batch_size=max(256, per_rank_batch), device=device)
+        eval_batch = max(per_rank_batch, scoring_batch(splits.val.shape))  # no more held than a training step
+        val_loss, val_acc = evaluate(module, splits.val, batch_size=eval_batch, device=device)
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
             "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "images_per_s": n / train_s,
