@@ -186,3 +186,14 @@ def test_two_processes_read_disjoint_halves_of_every_epoch(tiny_at_init, tmp_pat
     main_reads = {n for n in (ln.split(" ", 1)[1] for ln in Path(f"{log}.main").read_text().split("\n") if ln)}
     assert val <= main_reads
     assert np.isclose(summary["data"]["val_images"], len(val))
+
+
+def test_what_a_streamed_loader_holds_is_bounded_in_bytes_not_images():
+    from pipeline.files import IN_FLIGHT_MB, prefetch_factor, scoring_batch
+
+    big, small = (3, 224, 224), (1, 8, 8)
+    assert scoring_batch(big) == 53 and scoring_batch(small) == 256  # 32 MB of 224x224 RGB; the cap for digits
+    assert prefetch_factor(2, 128, big) == 1 and prefetch_factor(2, 128, small) == 4
+    for workers, batch in ((1, 32), (2, 128), (8, 64)):
+        held = workers * prefetch_factor(workers, batch, big) * batch * 3 * 224 * 224 * 4 / 2**20
+        assert held <= IN_FLIGHT_MB or prefetch_factor(workers, batch, big) == 1
