@@ -368,7 +368,7 @@ def prefetch_factor(workers: int, batch_size: int, shape) -> int:
 
 def scoring_batch(shape, cap: int = 256, batch_mb: float = 32.0) -> int:
     """Images a batch when a model only scores (no gradients): `cap`, or fewer where a batch of them would pass
-    `batch_mb` (53 images at 3x224x224), so scoring a large held-out set holds as little as one training step."""
+    `batch_mb` (55 images at 3x224x224), so scoring a large held-out set holds as little as one training step."""
     return max(1, min(cap, int(batch_mb * 2**20 // (math.prod(shape) * 4))))
 
 
