@@ -534,11 +534,12 @@ def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, see
         plain, val = (TensorImageDataset(d.x, d.y, mean, std) for d in (plain, val))
         held = f"in memory ({decoded_mb:.0f} MB decoded, within --memory-mb {memory_mb:g})"
     else:
-        if mean is None or std is None:  # moments of a seeded sample of the training images, not of them all
+        def sample():  # moments of a seeded sample of the training images, not of them all
             n = min(len(plain), MOMENT_IMAGES)
             pick = torch.randperm(len(plain), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-            mean, std = _moments(mean, std, c, lambda: (x for x, _ in plain.batches(pick.split(64))))
-        mean, std = _moments(mean, std, c, lambda: [])
+            return (x for x, _ in plain.batches(pick.split(64)))
+
+        mean, std = _moments(mean, std, c, sample)
         plain, val = plain.normalised(mean, std), val.normalised(mean, std)
         held = (f"streamed from disk by {n_workers} worker(s) ({decoded_mb:.0f} MB decoded would exceed "
                 f"--memory-mb {memory_mb:g})")
