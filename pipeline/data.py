@@ -157,8 +157,10 @@ def _to_nchw(a: np.ndarray, channels: int, path: str) -> np.ndarray:
 
 @register_source("npz")
 def _npz(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
-    """A NumPy .npz with arrays `x` (uint8 0..255 or float, NCHW or NHWC or NHW) and `y` (integer labels);
-    optional `x_val`/`y_val` for a fixed validation split and `class_names`."""
+    """A NumPy .npz with arrays `x` (NCHW or NHWC or NHW) and `y` (integer labels, or floats that are whole
+    numbers); optional `x_val`/`y_val` for a fixed validation split and `class_names`. Pixels are uint8 0..255, or
+    another integer or float type holding 0..255 (scaled by 1/255 when any value is above 1.5) or [0, 1] (taken as
+    is); NaN, infinity and values outside those ranges (normalised images, 16-bit ones) are refused."""
     if not arg:
         raise DataError("npz spec needs a path: npz:PATH")
     path = Path(arg).expanduser()
@@ -174,32 +176,51 @@ def _npz(arg: str, shape: tuple[int, int, int], geometry: Geometry) -> RawData:
             raise DataError(f"{path}: missing array {k!r} (found {', '.join(sorted(arrays)) or 'none'})")
     c, h, w = shape
 
-    def images(a: np.ndarray) -> torch.Tensor:
+    def images(a: np.ndarray, name: str) -> torch.Tensor:
+        if a.dtype.kind not in "uif":
+            raise DataError(f"{path}: {name} has dtype {a.dtype}; expected uint8 or float")
+        if len(a) == 0:
+            raise DataError(f"{path}: {name} holds no images")
+        _check_finite(a, f"{path}: {name}")
         a = _to_nchw(a, c, str(path))
-        if a.dtype == np.uint8:
-            t = torch.from_numpy(a.astype(np.float32) / 255.0)
-        elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer):
-            t = torch.from_numpy(a.astype(np.float32))
-            if float(t.max()) > 1.5:  # integer-valued 0..255 stored as float or int
-                t = t / 255.0
-        else:
-            raise DataError(f"{path}: x has dtype {a.dtype}; expected uint8 or float")
+        t = torch.from_numpy(a.astype(np.float32))
+        if a.dtype == np.uint8 or float(t.max()) > 1.5:  # 0..255, stored as uint8, another integer type or float
+            t = t / 255.0
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:  # normalised or deeper than 8 bits: no scaling could be guessed right
+            raise DataError(f"{path}: {name} holds values from {float(a.min()):g} to {float(a.max()):g}; store images "
+                            "unnormalised, as 0..255 or as floats in [0, 1]")
         return fit_images(t, (c, h, w), str(path), geometry).contiguous()
 
     def labels(a: np.ndarray, n: int, name: str) -> torch.Tensor:
-        a = np.asarray(a).reshape(-1)
-        if a.shape[0] != n or not (np.issubdtype(a.dtype, np.integer) or np.all(np.mod(a, 1) == 0)):
-            raise DataError(f"{path}: {name} must hold {n} integer labels (got shape {a.shape}, dtype {a.dtype})")
-        return torch.from_numpy(a.astype(np.int64))
+        flat = a.reshape(-1)
+        if a.dtype.kind not in "uif":
+            held = "booleans" if a.dtype.kind == "b" else f"values of dtype {a.dtype}"
+            raise DataError(f"{path}: {name} holds {held}; store integer class indices 0..K-1 (their names go in "
+                            "class_names)")
+        if flat.shape[0] != n:
+            raise DataError(f"{path}: {name} has shape {a.shape}; expected one integer label for each of the {n} "
+                            "images")
+        if a.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                odd = ~np.isfinite(flat) | (np.mod(flat, 1) != 0)
+            if odd.any():
+                i = int(np.flatnonzero(odd)[0])
+                raise DataError(f"{path}: {name} holds {int(odd.sum())} label(s) that are not whole numbers (first "
+                                f"{flat[i]:g}, image {i}); labels are class indices 0..K-1")
+        return torch.from_numpy(flat.astype(np.int64))
 
-    x = images(arrays["x"])
+    x = images(arrays["x"], "x")
     y = labels(arrays["y"], x.shape[0], "y")
     x_val = y_val = None
     if "x_val" in arrays:
-        x_val = images(arrays["x_val"])
+        x_val = images(arrays["x_val"], "x_val")
         y_val = labels(arrays.get("y_val", np.zeros(0)), x_val.shape[0], "y_val")
-    n_cls = int(max(int(y.max()) if len(y) else -1, int(y_val.max()) if y_val is not None and len(y_val) else -1)) + 1
+    n_cls = int(max(int(y.max()), int(y_val.max()) if y_val is not None else -1)) + 1
     names = tuple(str(s) for s in arrays["class_names"]) if "class_names" in arrays else tuple(map(str, range(n_cls)))
+    if len(names) < n_cls:
+        raise DataError(f"{path}: class_names has {len(names)} names but the labels go up to {n_cls - 1}; name every "
+                        "class")
     return RawData(x, y, names, x_val, y_val, description=f"npz {path} ({len(y)} images, {_fitted(geometry, h, w)})",
                    scale="uint8 / 255; other types as stored, / 255 when above 1.5")
 
@@ -394,15 +415,48 @@ def split_indices(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[torc
     return torch.from_numpy(tr), torch.from_numpy(va)
 
 
-def _check_labels(y: torch.Tensor, num_classes: int, what: str) -> None:
-    if len(y) == 0:
+def _check_labels(ys: Sequence[torch.Tensor | None], class_names: Sequence[str], num_classes: int,
+                  what: str) -> None:
+    """The labels of all splits against the model: none negative, no more classes than outputs (the published
+    metadata names one class per output), and at least two classes present."""
+    held = [v for v in ys if v is not None and len(v)]
+    if not held:
         return
+    y = torch.cat(held)
     lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        bad = hi if hi >= num_classes else lo
-        raise DataError(
-            f"{what} has label {bad} but the model has {num_classes} outputs (labels must be 0..{num_classes - 1})"
-        )
+    if lo < 0:
+        raise DataError(f"{what} has negative label {lo}; labels must be class indices 0..{num_classes - 1}")
+    names = [*class_names, *map(str, range(len(class_names), hi + 1))]
+    if len(names) > num_classes:
+        at = f": label {hi} but the model has" if hi >= num_classes else " but the model has"
+        extra = names[num_classes:]
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise DataError(f"{what} has {len(names)} classes{at} {num_classes} outputs (labels must be "
+                        f"0..{num_classes - 1}); use a model with {len(names)} outputs or leave out class(es) "
+                        f"{', '.join(map(repr, extra[:3]))}{more}")
+    if len(torch.unique(y)) < 2:
+        raise DataError(f"{what} holds only one class ({names[lo]!r}) in its {len(y)} images: a classifier needs at "
+                        "least two; add images of the other classes")
+
+
+def _check_finite(a: np.ndarray, what: str) -> None:
+    if a.dtype.kind == "f" and not np.isfinite(a.sum(dtype=np.float64)):  # the sum: no mask unless needed
+        bad = ~np.isfinite(a.reshape(len(a), -1))
+        if bad.any():
+            first = int(np.flatnonzero(bad.any(1))[0])
+            raise DataError(f"{what} holds {int(bad.sum())} NaN or infinite value(s) (first in image {first}); "
+                            "replace them or drop those images")
+
+
+def _check_pixels(x: torch.Tensor | None, what: str) -> None:
+    """Images held in memory are finite and in [0, 1], whatever source decoded them."""
+    if x is None or x.numel() == 0:
+        return
+    _check_finite(x.numpy(), what)
+    lo, hi = torch.aminmax(x)
+    if float(lo) < -1e-4 or float(hi) > 1 + 1e-4:  # float rounding of a resize or a luma sum stays well inside
+        raise DataError(f"{what} holds pixel values from {float(lo):.4g} to {float(hi):.4g} after decoding, outside "
+                        "[0, 1]; a source must scale its images to [0, 1]")
 
 
 def load_data(
@@ -453,9 +507,10 @@ def load_data(
         raise DataError(f"source {scheme} produced images of shape {tuple(raw.x.shape[1:])}, expected {(c, h, w)}")
     if len(raw.y) == 0:
         raise DataError(f"data spec {spec!r} holds no images")
-    _check_labels(raw.y, num_classes, f"data {spec!r}")
+    _check_labels([raw.y, raw.y_val], raw.class_names, num_classes, f"data {spec!r}")
+    _check_pixels(raw.x, f"data {spec!r}")
+    _check_pixels(raw.x_val, f"validation data of {spec!r}")
     if raw.y_val is not None:
-        _check_labels(raw.y_val, num_classes, f"validation data of {spec!r}")
         x_tr, y_tr, x_va, y_va = raw.x, raw.y, raw.x_val, raw.y_val
     else:
         tr, va = split_indices(raw.y, val_fraction, seed)
@@ -510,9 +565,9 @@ def _capped(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, seed, augment, mean, std, flip, pad,
                  geometry, split_file, val_images, memory_mb, workers, max_bad_fraction) -> DataSplits:
     c, h, w = shape
-    _check_labels(torch.from_numpy(raw.files.labels), num_classes, f"data {spec!r}")
+    _check_labels([torch.from_numpy(f.labels) for f in (raw.files, raw.files_val) if f is not None],
+                  raw.class_names, num_classes, f"data {spec!r}")
     if raw.files_val is not None:
-        _check_labels(torch.from_numpy(raw.files_val.labels), num_classes, f"validation data of {spec!r}")
         train_files, val_files = raw.files, raw.files_val
     else:
         train_files, val_files = _split_files(raw.files, spec, val_fraction, seed, split_file)
@@ -530,6 +585,8 @@ def _file_splits(raw: FileData, spec: str, shape, num_classes, val_fraction, see
     decoded_mb = (len(train_files) + len(val_files)) * c * h * w * 4 / 2**20
     if decoded_mb <= memory_mb:  # a small set: decoded once (by the workers), then served from memory
         plain, val = _decoded(plain), _decoded(val)
+        for d in (plain, val):
+            _check_pixels(d.x, f"data {spec!r}")
         mean, std = _moments(mean, std, c, lambda: [plain.x])
         plain, val = (TensorImageDataset(d.x, d.y, mean, std) for d in (plain, val))
         held = f"in memory ({decoded_mb:.0f} MB decoded, within --memory-mb {memory_mb:g})"

@@ -81,19 +81,26 @@ def list_folder(root: Path, classes: Sequence[str], names_from: Path | None = No
     """The images of a class-per-folder tree (sorted, so the same tree lists the same way everywhere), labelled by
     their folder's index in `classes`; names relative to `names_from` (default `root`)."""
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for d in class_dirs(root):
         if d.name not in index:
             raise DataError(f"image folder {root}: class folder {d.name!r} is not among the training classes")
+        before = len(paths)
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames.sort()
             for f in sorted(filenames):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(index[d.name])
+        if len(paths) == before:
+            empty.append(d.name)
+    kinds = f"{', '.join(IMAGE_EXTENSIONS[:4])}, ..."
     if not paths:
-        raise DataError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) in its class "
-                        "folders")
+        raise DataError(f"image folder {root} holds no images ({kinds}) in its class folders")
+    if empty:  # it would still count as a class: the model's labels would no longer match its outputs
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(f"image folder {root}: class folder {empty[0]!r}{more} holds no images ({kinds}); remove it "
+                        "or add images")
     base = str(names_from or root)
     return _file_list(paths, labels, [os.path.relpath(p, base) for p in paths])
 

@@ -5,6 +5,7 @@ torchvision and PIL only."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,23 +45,51 @@ def fit_images(x: torch.Tensor, shape: tuple[int, int, int], what: str = "data",
 
 
 def read_image(source, mode: str, size: tuple[int, int], geometry: Geometry = DEFAULT_GEOMETRY) -> np.ndarray:
-    """An image file (or a PIL image) as (H, W) or (H, W, 3) uint8: PIL's convert(mode) ("L" or "RGB"), then the
-    default geometry's 8-bit bilinear resize to size (H, W), or any other's torchvision resize and centre crop of
-    the PIL image (as torchvision's ImageNet transforms do). The "pillow" resize of the imagefolder source (and of
-    predict); PIL's errors pass."""
+    """An image file (or a PIL image) as (H, W) or (H, W, 3) uint8: converted to `mode` ("L" or "RGB") as
+    `to_8bit` says, then the default geometry's 8-bit bilinear resize to size (H, W), or any other's torchvision
+    resize and centre crop of the PIL image (as torchvision's ImageNet transforms do). The "pillow" resize of the
+    imagefolder source (and of predict). A file over PIL.Image.MAX_IMAGE_PIXELS is not decoded: its
+    DecompressionBombWarning is raised, as PIL's errors are."""
     from PIL import Image
 
     h, w = size
     if not isinstance(source, Image.Image):
-        with Image.open(source) as im:
-            return read_image(im, mode, size, geometry)
-    im = source.convert(mode)
+        with warnings.catch_warnings():  # PIL only warns below twice the limit, and would decode the bomb
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                return read_image(im, mode, size, geometry)
+    im = to_8bit(source, mode)
     if geometry.is_default:
         return np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8)
     im = TF.resize(im, list(geometry.resize or (h, w)), interpolation=InterpolationMode(geometry.interpolation))
     if geometry.crop is not None:
         im = TF.center_crop(im, list(geometry.crop))
     return np.asarray(im, dtype=np.uint8)
+
+
+def to_8bit(im, mode: str):
+    """A PIL image of any mode as an 8-bit `mode` ("L" or "RGB") image. PIL's own convert does this for 1, L, P, RGB,
+    CMYK, YCbCr and the modes with alpha (alpha is dropped: the colour under it stays, nothing is composited). It
+    saturates deeper images, so those are scaled here: 16-bit integers (I;16, I;16B, ...) by their range,
+    value/65535; 32-bit integers (I) the same when they fit 0..65535, else by the image's largest value; floats (F)
+    are fractions when they all lie in [0, 1], else 0..255. Negative values become 0, values above the range 255;
+    an image holding NaN or infinity raises ValueError."""
+    from PIL import Image
+
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{int(np.count_nonzero(~np.isfinite(a)))} pixel value(s) are NaN or infinite")
+        top = float(a.max(initial=0.0))
+        if im.mode == "F":
+            full = 1.0 if top <= 1.0 and float(a.min(initial=0.0)) >= 0.0 else 255.0
+        else:
+            full = 65535.0 if im.mode.startswith("I;16") or top <= 65535.0 else top
+        grey = Image.fromarray(np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8))
+        return grey if mode == "L" else grey.convert(mode)
+    if im.mode in ("P", "PA") and "transparency" in im.info:  # PIL warns converting these unless via RGBA
+        im = im.convert("RGBA")
+    return im.convert(mode)
 
 
 def map_channels(x: torch.Tensor, channels: int, what: str = "data") -> torch.Tensor:
