@@ -25,7 +25,7 @@ METHODS ?=
 MAX_DROP ?=
 JOBS ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained bench-data gpu-check compress sweep serve clean distclean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained bench-data gpu-check fault-cases compress sweep serve clean distclean
 
 install: $(BIN)/.installed
 
@@ -64,6 +64,10 @@ bench-trained: install
 
 bench-data: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_data.py
+
+# 40 bad inputs and faults through the real CLI: exit code, --json answer, first line, what is left behind
+fault-cases: install
+	$(BIN)/python benchmarks/fault_cases.py
 
 # masks, a training epoch and validation of resnet50 at 224 on CUDA over a synthetic folder; skips without a GPU
 gpu-check: install

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
+from flows.console import quiet_expected_tracebacks
 from pipeline.config import CompressConfig, make_config
 from pipeline.errors import GateFailedError, RunStoppedError
 from stages.measure.report import layer_table
@@ -135,6 +136,7 @@ force_compress = flow(_compress, name=FLOW_NAME, log_prints=True, persist_result
 def run_flow(config: CompressConfig) -> dict:
     """The pipeline through the flow in this process (the temporary API unless PREFECT_API_URL is set): its summary,
     also when the gate failed (exit 1)."""
+    quiet_expected_tracebacks()
     try:
         return force_compress(**config.given())  # the recipe fills in what was not given, in the flow as here
     except GateFailedError as e:

@@ -14,6 +14,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from pydantic import Field
 
 from flows.compress import log_reused, run_stage_as_task, signature_from_config
+from flows.console import quiet_expected_tracebacks
 from pipeline.errors import GateFailedError
 from stages.run.sweep import (
     DEFAULT_METHODS,
@@ -73,6 +74,7 @@ force_compress_sweep = flow(_sweep, name=FLOW_NAME, log_prints=True, persist_res
 def run_sweep_flow(plan: SweepPlan, fields: dict) -> dict:
     """The sweep through the flow in this process: its summary, also when no cell passed (exit 1)."""
     params = {k: v for k, v in fields.items() if v is not None}
+    quiet_expected_tracebacks()
     try:
         return force_compress_sweep(**params, sparsities=list(plan.sparsities), methods=list(plan.methods),
                                     jobs=plan.jobs)

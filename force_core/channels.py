@@ -400,6 +400,18 @@ def channel_random(ctx: ChannelContext) -> None:
     ctx.report(1, 1, density=ctx.density, kept=ctx.kept_weights)
 
 
+class ChannelFloorError(ValueError):
+    """The density is below what every group's `min_keep` channels, in whole blocks of `multiple`, keep
+    (`reachable`: the largest reachable sparsity; None when nothing at all can be pruned in such blocks). A caller
+    that exposes these arguments under other names words its own message from the fields."""
+
+    def __init__(self, message: str, *, multiple: int, reachable: float | None = None, sparsity: float = 0.0,
+                 floor: int = 0, total: int = 0) -> None:
+        super().__init__(message)
+        self.multiple, self.reachable, self.sparsity, self.floor, self.total = multiple, reachable, sparsity, floor, \
+            total
+
+
 def compute_channel_masks(
     model: nn.Module,
     batches: Iterable | None,
@@ -456,14 +468,15 @@ def compute_channel_masks(
     fewest = torch.cat([torch.arange(g.size, device=device) < -(-g.min_keep // multiple) * multiple for g in cutting])
     floor = layout.kept(fewest)
     if floor == n_total:
-        raise ValueError(f"nothing is channel-prunable in blocks of {multiple} channels: no group has more than "
-                         f"{multiple} (min_keep rounded up to whole blocks); use a smaller channel multiple")
+        raise ChannelFloorError(
+            f"nothing is channel-prunable in blocks of {multiple} channels: no group has more than {multiple} "
+            "(min_keep rounded up to whole blocks); use a smaller multiple", multiple=multiple)
     if floor > k:
         reachable = math.floor((1.0 - floor / n_total) * 1e4) / 1e4  # rounded down: that sparsity is reachable
-        raise ValueError(
+        raise ChannelFloorError(
             f"sparsity {1 - density:.4g} keeps {k} of the {n_total} prunable weights, but min_keep channels of every "
-            f"group keep {floor}: the largest reachable sparsity is {reachable:.4f}; lower the sparsity or min_keep"
-        )
+            f"group keep {floor}: the largest reachable sparsity is {reachable:.4f}; lower the sparsity, min_keep "
+            "or multiple", multiple=multiple, reachable=reachable, sparsity=1 - density, floor=floor, total=n_total)
     run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
     if spec.needs_data and batches is None:
         raise ValueError(f"channel method {method!r} scores channels on data: pass batches")

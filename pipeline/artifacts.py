@@ -10,12 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, EnvironmentProblem
 
 # mkstemp/mkdtemp create owner-only files (0600/0700); published outputs get the usual umask modes.
 _UMASK = os.umask(0)
@@ -63,24 +64,66 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+RUN_ID_TEMPLATE = "0" * 12 + "-" + "0" * 12  # how long a run directory's name is
+
+
 def run_dir_for(runs_root: str | os.PathLike, model_sha256: str, config_fingerprint: dict) -> Path:
     """The run id derives from the input model's hash and the config, so the same request resumes."""
     run_id = f"{model_sha256[:12]}-{sha256_json(config_fingerprint)[:12]}"
     return Path(runs_root) / run_id
 
 
-def check_writable_dir(path: str | os.PathLike, what: str) -> None:
-    """Raise BadInputError unless `path` is (or can be created as) a writable directory; creates nothing."""
+SPACE_MARGIN = 32 << 20  # bytes free beyond a directory's estimated need: logs, reports, the file system's own
+
+
+def check_writable_dir(path: str | os.PathLike, what: str, *, below: tuple[str, ...] = (),
+                       need_bytes: int = 0) -> None:
+    """Before any work, for a directory we will write: it is (or can be created as) a directory (BadInputError, exit
+    2, when a file is in the way), writable by us (EnvironmentProblem, exit 3), every name down to `below` (what
+    we will create inside it, e.g. a staging folder) fits the file system (exit 3), and its file system has
+    `need_bytes` plus SPACE_MARGIN free (exit 3). Creates nothing."""
     p = Path(path).absolute()
-    probe = p
-    while not probe.exists():
+    full = p.joinpath(*below)
+    probe = full
+    while not _exists(probe):
         probe = probe.parent
-    if probe != p and not probe.is_dir():
-        raise BadInputError(f"cannot create {what} directory {path}: {probe} is not a directory")
-    if probe == p and not p.is_dir():
-        raise BadInputError(f"{what} {path} is not a directory; choose another --{what.replace(' ', '-')}")
+    option = f"--{what.replace(' ', '-')}"
+    if not probe.is_dir():
+        if probe == p:
+            raise BadInputError(f"{what} {path} is not a directory; choose another {option}")
+        raise BadInputError(f"cannot create {what} directory {full}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInputError(f"{what} directory {path} is not writable ({probe}); choose another --{what}")
+        raise EnvironmentProblem(f"{what} directory {full} is not writable ({probe}: permission denied); make it "
+                                 f"writable or choose another {option}")
+    name_max = _pathconf(probe, "PC_NAME_MAX", 255)
+    for part in full.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise EnvironmentProblem(f"{what} path {full}: the name {part[:32]!r}... is {len(os.fsencode(part))} "
+                                     f"bytes, longer than the {name_max} the file system allows; choose a shorter "
+                                     f"{option} or --model-name")
+    path_max = _pathconf(probe, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(str(full))) + 64 >= path_max:  # 64: the longest file name we write below it
+        raise EnvironmentProblem(f"{what} path {full} is {len(os.fsencode(str(full)))} bytes, too close to the "
+                                 f"{path_max} the file system allows; choose a shorter {option}")
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes + SPACE_MARGIN:
+        raise EnvironmentProblem(f"{what} {path}: {free / 1e6:.1f} MB free on its file system, the run needs about "
+                                 f"{(need_bytes + SPACE_MARGIN) / 1e6:.1f} MB there; free space or choose another "
+                                 f"{option}")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to look up: reported with the name checks
+        return False
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError):
+        return default
 
 
 class RunFiles:

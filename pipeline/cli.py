@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import re
+import signal
 import sys
 import time
+import traceback
 import types
 
 import click
@@ -18,21 +22,65 @@ import click
 # locked" traceback and ERROR lines into normal output. Off unless the user turns it on.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from pipeline.errors import ForceCompressError
+from pipeline.errors import ForceCompressError, Interrupted, environment_problem
 
 
 def _handle_errors(fn):
-    """Map our exceptions to their exit codes with one line on stderr, no traceback."""
+    """Every outcome of a command gets its exit code: our exceptions one line on stderr and no traceback; SIGTERM and
+    SIGINT 128 + the signal after the `finally` blocks on the way have cleaned up; an OSError that is the machine's
+    (disk full, permission denied, name too long) exit 3 with one line; anything else exit 4 with its traceback.
+    With `--json`, stdout also gets one JSON object whatever the outcome (`_failure`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        as_json = kwargs.get("as_json", False)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            _fail(as_json, e, 128 + signum, "interrupted",
+                  f"interrupted by {signal.Signals(signum).name}: no staging folder or half-written file is left; "
+                  "run the same command again to resume from the stages that finished")
         except ForceCompressError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _fail(as_json, e, e.exit_code, error_kind(e), str(e))
+        except Exception as e:  # noqa: BLE001 - the last word on every outcome
+            problem = environment_problem(e)
+            if problem is not None:
+                _fail(as_json, e, problem.exit_code, error_kind(problem), str(problem))
+            traceback.print_exc()
+            _fail(as_json, e, 4, "internal", f"internal error: {type(e).__name__}: {e}")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def error_kind(e: ForceCompressError) -> str:
+    """The `error` of the JSON answer: the exception's class in snake case, less "_error" (gate_failed,
+    training_diverged, network_cut, bad_input, invalid_model, unsupported_operator, data, environment_problem, ...)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(e).__name__).lower().removesuffix("_error")
+
+
+def _fail(as_json: bool, e: BaseException, code: int, kind: str, message: str) -> None:
+    """One line on stderr (the message), with --json one object on stdout, then exit `code`."""
+    line = message if kind in ("internal", "interrupted") else f"error: {message}"
+    run_dir = getattr(e, "run_dir", None)
+    click.echo(line + (f" (run directory {run_dir})" if run_dir and kind == "internal" else ""), err=True)
+    if as_json:
+        click.echo(json.dumps({"exit_code": code, "error": kind, "message": message, "run_dir": run_dir}))
+    sys.exit(code)
+
+
+def _note_run_dir(e: BaseException, run_dir: str) -> None:
+    """Tell `_handle_errors` which run directory a failure belongs to."""
+    with contextlib.suppress(AttributeError):
+        if getattr(e, "run_dir", None) is None:
+            e.run_dir = run_dir
 
 
 def _config_default(name: str):
@@ -41,7 +89,25 @@ def _config_default(name: str):
     return CompressConfig.model_fields[name].default
 
 
-@click.group()
+class _Commands(click.Group):
+    """click's own usage errors (an unknown option, a value of the wrong type: exit 2) answer `--json` too."""
+
+    def main(self, args=None, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:  # Ctrl-C while click itself reads input
+            click.echo("interrupted by SIGINT", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            e.show()
+            if "--json" in args:
+                click.echo(json.dumps({"exit_code": e.exit_code, "error": "usage", "message": e.format_message(),
+                                       "run_dir": None}))
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="force-compress")
 def main() -> None:
     """Prune ONNX classifiers at initialization (FORCE), sparse-train, validate and publish them."""
@@ -51,8 +117,6 @@ def main() -> None:
 
 
 def _echo_json(obj) -> None:
-    import json
-
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
@@ -249,6 +313,17 @@ def _prefect_api(wanted: bool):
     return prefect_api_starting()
 
 
+def _outcome(summary: dict) -> dict:
+    """The keys every JSON answer has (see `_fail`) for a run that got to its gate."""
+    run_dir = summary.get("run_dir") or summary.get("sweep_dir")  # a sweep's answer: its sweep directory
+    if summary["exit_code"] == 0:
+        version = summary.get("version") or (summary.get("published") or {}).get("version")
+        return {"error": None, "message": f"published {summary['name']} {version}", "run_dir": run_dir}
+    failures = summary.get("failures") or ["no cell passed its gate"]
+    return {"error": "gate_failed", "message": "validation gate failed, nothing published: " + "; ".join(failures),
+            "run_dir": run_dir}
+
+
 def _print_summary(summary: dict) -> None:
     z, lat = summary["sizes"], summary["latency_ms"]
     if summary["published"]:
@@ -298,14 +373,14 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
     """Prune MODEL at initialization, sparse-train, export, validate and publish it.
 
     \b
-    Exit codes:
-      0  published
-      1  validation gate failed, the masks cut the network, or training diverged (nothing published)
-      2  bad input (model, data, options), checked before any work where it can be
-      3  environment (CUDA asked for but absent, no Prefect API)
-      4  internal error (traceback in the run directory's error.txt)"""
-    import json
-    import traceback
+    Exit codes (with --json, stdout always holds one object: exit_code, error, message, run_dir):
+      0    published
+      1    validation gate failed, the masks cut the network, or training diverged (nothing published)
+      2    bad input (model, data, options), checked before any work where it can be
+      3    environment: CUDA asked for but absent, no Prefect API, a disk full or too small, a path not
+           writable or a name too long (checked before any work; met later: traceback in error.txt)
+      4    internal error (traceback on stderr and in the run directory's error.txt)
+      130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: nothing published, no staging folder left"""
 
     from pipeline.config import make_config
     from stages.run.checks import check_request, hand_over
@@ -329,13 +404,11 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
 
                 hand_over(config, request)  # the flow takes the checked request and its data, not checking again
                 summary = run_flow(config)
-    except ForceCompressError:
+    except BaseException as e:  # exit codes: _handle_errors (an internal error is 4, never 1: "gate failed")
+        _note_run_dir(e, request.run_dir)
         raise
-    except Exception as e:  # internal error: keep the traceback, exit 4 (never 1, which means "gate failed")
-        traceback.print_exc()
-        click.echo(f"internal error: {type(e).__name__}: {e} (run directory {request.run_dir})", err=True)
-        sys.exit(4)
-    summary = {**summary, "prefect": not no_prefect, "seconds": round(time.perf_counter() - start, 2)}
+    summary = {**summary, **_outcome(summary), "prefect": not no_prefect,
+               "seconds": round(time.perf_counter() - start, 2)}
     if as_json:
         click.echo(json.dumps(summary, default=str))  # keys in order: stages run order
     else:
@@ -368,10 +441,10 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
       0  the sparsest passing cell is published
       1  no cell passed its gate (the table says why), or the masks cut the network
       2  bad input (model, data, options, an empty or out-of-range --sparsities), checked before any work
-      3  environment (CUDA asked for but absent, no Prefect API, registry unreachable)
-      4  internal error (traceback in the cell's run directory's error.txt)"""
-    import json
-    import traceback
+      3  environment (CUDA asked for but absent, no Prefect API, registry unreachable, a disk full or
+         too small, a path not writable or a name too long)
+      4  internal error (traceback in the cell's run directory's error.txt)
+      130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM"""
 
     from stages.run.checks import hand_over
     from stages.run.order import stage_names
@@ -382,25 +455,19 @@ def sweep(model: str, sparsities: str, methods: str, jobs: int, as_json: bool, n
     with _prefect_api(not no_prefect):
         plan = plan_sweep({"model": model, **fields}, sparsities, methods, jobs)  # bad input stops here
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    try:
-        with quiet:
-            if no_prefect:
-                labels = {r.run_dir: plan.label(i) for i, r in enumerate(plan.requests)}
-                labels[str(baseline_run_dir(plan.base, plan.requests[0]))] = "dense"
-                run_stage, on_reused = _stage_printer(stage_names(plan.base), labels)
-                summary = run_sweep(plan, run_stage, on_reused=on_reused).to_dict()
-            else:
-                from flows.sweep import run_sweep_flow
+    with quiet:
+        if no_prefect:
+            labels = {r.run_dir: plan.label(i) for i, r in enumerate(plan.requests)}
+            labels[str(baseline_run_dir(plan.base, plan.requests[0]))] = "dense"
+            run_stage, on_reused = _stage_printer(stage_names(plan.base), labels)
+            summary = run_sweep(plan, run_stage, on_reused=on_reused).to_dict()
+        else:
+            from flows.sweep import run_sweep_flow
 
-                hand_over(plan.configs[0], plan.requests[0])
-                summary = run_sweep_flow(plan, {"model": model, **fields})
-    except ForceCompressError:
-        raise
-    except Exception as e:  # internal error: exit 4, never 1
-        traceback.print_exc()
-        click.echo(f"internal error: {type(e).__name__}: {e}", err=True)
-        sys.exit(4)
-    summary = {**summary, "prefect": not no_prefect, "seconds_wall": round(time.perf_counter() - start, 2)}
+            hand_over(plan.configs[0], plan.requests[0])
+            summary = run_sweep_flow(plan, {"model": model, **fields})
+    summary = {**summary, **_outcome(summary), "prefect": not no_prefect,
+               "seconds_wall": round(time.perf_counter() - start, 2)}
     if as_json:
         click.echo(json.dumps(summary, default=str))
     else:
@@ -444,7 +511,6 @@ def serve() -> None:
 def predict_cmd(model, images, top, as_json):
     """Classify IMAGE files (PNG, JPEG, … or .npy) with MODEL: a registry version directory or an .onnx file that
     records its preprocessing; prints each image's top labels with softmax probabilities, on onnxruntime's CPU."""
-    import json
 
     from pipeline.predict import predict, resolve_model
     from stages.publish.manifest import MODEL_FILE

@@ -493,7 +493,8 @@ def load_data(
     except (TypeError, ValueError):
         raise DataError(f"input shape must be (C, H, W) integers, got {input_shape!r}") from None
     if min(c, h, w) <= 0:
-        raise DataError(f"model input (C, H, W) = {tuple(input_shape)} is not concrete; set image_size (H W)")
+        raise DataError(f"model input (C, H, W) = {tuple(input_shape)} is not concrete; set "
+                        "its height and width with --image-size H W")
     if num_classes < 1:
         raise DataError(f"the model must have at least one output class (got {num_classes})")
     if not 0.0 < val_fraction < 1.0:

@@ -18,6 +18,8 @@ import torch
 from tqdm import tqdm
 
 import force_core
+from force_core.channels import ChannelFloorError
+from force_core.losses import LOSSES
 from pipeline.artifacts import RunFiles, sha256_file
 from pipeline.data import mask_batches
 from pipeline.devices import resolve_device
@@ -59,7 +61,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
                         calibrate_norms: bool = False, on_collapse: str = "nested", collapse_ratio: float | None = None,
                         min_per_layer: int = 0, structure: str = "unstructured",
-                        channel_multiple: int = 1) -> MaskResult:
+                        channel_multiple: int = 1, output_kind: str = "logits") -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses);
@@ -98,12 +100,12 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
         maskset, channel_meta = _channel_masks(module, graph, plan, param_map, batches, method=method,
                                                density=density, steps=steps, schedule=schedule,
                                                batches_per_step=batches_per_step, seed=seed, progress=progress,
-                                               multiple=channel_multiple)
+                                               multiple=channel_multiple, loss_fn=LOSSES[output_kind])
     else:
         maskset, channel_meta = _unstructured_masks(
             module, param_map, batches, method=method, density=density, steps=steps, schedule=schedule,
             batches_per_step=batches_per_step, seed=seed, progress=progress, on_collapse=on_collapse,
-            min_per_layer=min_per_layer, collapse_ratio=collapse_ratio)
+            min_per_layer=min_per_layer, collapse_ratio=collapse_ratio, loss_fn=LOSSES[output_kind])
     seconds = time.perf_counter() - started
     effective = force_core.effective_sparsity(module, maskset, batches[0][0])
     meta = {
@@ -149,6 +151,8 @@ def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamM
                             f"{why}; use --structure unstructured")
     try:
         result = force_core.compute_channel_masks(module, batches, groups, params=param_map.prunable, **kwargs)
+    except ChannelFloorError as e:
+        raise BadInputError(_floor_message(e)) from None
     except ValueError as e:  # force_core checks its arguments with ValueError: user input here
         raise BadInputError(str(e)) from None
     keep = {name: torch.nonzero(k).flatten().tolist() for name, k in result.keep.items()}
@@ -203,6 +207,17 @@ def torch_channel_groups(analysis, param_map: ParamMap, reading: dict[str, set[i
     return groups
 
 
+def _floor_message(e: ChannelFloorError) -> str:
+    """force_core's message in the CLI's words: every group keeps one block of --channel-multiple channels."""
+    if e.reachable is None:
+        return (f"--structure channel: nothing can be pruned in blocks of --channel-multiple {e.multiple}: no "
+                f"channel group has more than {e.multiple} channels; give a smaller --channel-multiple")
+    return (f"--sparsity {e.sparsity:.4g} is out of reach with --structure channel: every channel group keeps at "
+            f"least one block of --channel-multiple {e.multiple} channels, {e.floor} of the {e.total} prunable "
+            f"weights, so the largest reachable sparsity is {e.reachable:.4f}; give a --sparsity up to that or a "
+            "smaller --channel-multiple")
+
+
 def mask_batch_count(method: str, steps: int | None, batches_per_step: int, structure: str = "unstructured") -> int:
     """How many mini-batches a mask computation uses: fresh ones at every step, as the reference code draws
     them (FORCE.md), so an iterative method takes steps × batches_per_step (cycled when fewer are given)."""
@@ -222,9 +237,9 @@ def _dummy_batch(normalized_path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros((2, *shape)), torch.zeros(2, dtype=torch.long)
 
 
-def masks_stage(normalized_path: str, run_dir: str, config, data) -> MaskResult:
+def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: str = "logits") -> MaskResult:
     """The pipeline's masks for `normalized_path`, on the mini-batches of the run's opened `data` this method uses,
-    with a progress bar."""
+    with a progress bar; scored with the loss of the model's output (`output_kind`: ImportResult.output_kind)."""
     n = mask_batch_count(config.method, config.steps, config.mask_batches_per_step, config.structure)
     batches = mask_batches(data, config.mask_batch_size, n, seed=config.seed)
     # disable=None: no carriage-return bar in non-terminal logs (CI jobs)
@@ -243,6 +258,7 @@ def masks_stage(normalized_path: str, run_dir: str, config, data) -> MaskResult:
             device=resolve_device(config.device), train_norm=config.train_norm,
             calibrate_norms=config.recipe == "finetune", on_collapse=config.on_collapse,
             min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
+            output_kind=output_kind,
         )
     finally:
         bar.close()

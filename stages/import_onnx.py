@@ -18,8 +18,16 @@ from torch import nn
 
 from pipeline.artifacts import RunFiles, atomic_path, sha256_file
 from pipeline.errors import BadInputError, ParityError, UnsupportedOperatorError
+from pipeline.progress import say
 from pipeline.stage import Stage
 from stages.onnx_convert import runtime
+from stages.onnx_convert.model_checks import (
+    check_finite_weights,
+    check_image_axes,
+    dims_of,
+    output_kind,
+    softmax_warning,
+)
 from stages.onnx_convert.model_io import fits_in_protobuf, load_checked, save_model
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
 from stages.onnx_convert.passes import explicit_bias, normalize
@@ -47,6 +55,7 @@ class ImportResult:
     output_name: str = ""
     ir_version: int = 0
     producer: str = ""
+    output_kind: str = "logits"  # or "softmax" / "log_softmax": what the training loss takes the output as
 
     def describe(self) -> str:
         return (f"{Path(self.normalized_path).name}, opset {self.opset}, {self.n_prunable} prunable tensors, "
@@ -59,6 +68,7 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
     bias-less layers that train-time normalization will fold into get an explicit zero bias."""
     model_path = Path(model_path)
     model = load_checked(model_path)
+    check_finite_weights(model)  # NaN weights would reach parity as a mere disagreement
     source_sha = sha256_file(model_path)
     source = copy.deepcopy(model)
     changes = tuple(normalize(model)) + (tuple(explicit_bias.run(model)) if train_norm else ())
@@ -84,11 +94,15 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, pa
                 f"cannot rewrite it; export it with a dynamic batch dimension ({e})") from None
         num_classes = int(logits.shape[-1])
     n_weights = sum(int(np.prod(param_map.entries[n].onnx_shape)) for n in param_map.prunable)
+    kind = output_kind(model)
+    if kind != "logits":
+        say(softmax_warning(kind))
     return ImportResult(
         normalized_path=out, source_sha256=source_sha, changes=changes, parity_max_abs=max_abs,
         parity_max_rel=max_rel, input_name=inp.name, input_shape=input_shape, num_classes=num_classes,
         opset=_opset(model), n_prunable=len(param_map.prunable), n_prunable_weights=n_weights,
-        output_name=model.graph.output[0].name, ir_version=model.ir_version, producer=model.producer_name)
+        output_name=model.graph.output[0].name, ir_version=model.ir_version, producer=model.producer_name,
+        output_kind=kind)
 
 
 def parity(module: nn.Module, model_path: str | os.PathLike, input_shape: tuple[int, ...], *, tol: float = 1e-4,
@@ -147,6 +161,7 @@ def _input_signature(model: onnx.ModelProto, image_size) -> tuple[onnx.ValueInfo
     if tt.elem_type not in (onnx.TensorProto.FLOAT,):
         raise BadInputError(f"input '{inp.name}' is {onnx.TensorProto.DataType.Name(tt.elem_type)}; "
                             "a float32 input is expected")
+    check_image_axes(inp.name, dims_of(inp))
     dims = list(tt.shape.dim)[1:]
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if None in shape and image_size is not None and len(shape) >= 2:

@@ -171,7 +171,7 @@ def test_bad_specs(spec):
 
 
 def test_dynamic_input_and_too_few_outputs_refused():
-    with pytest.raises(DataError, match="set image_size"):
+    with pytest.raises(DataError, match="with --image-size H W"):
         load_data("digits", (1, None, None), num_classes=10)
     with pytest.raises(DataError, match="label 9 but the model has 5 outputs"):
         load_data("digits", (1, 8, 8), num_classes=5)

@@ -42,7 +42,7 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
     for form, session in zip(forms, sessions, strict=True):
         model = onnx.load(str(form.path), load_external_data=False)
         top1, top5 = form.scores or accuracy(session, val)
-        sparsity = file_sparsity(model)
+        sparsity = file_sparsity(model, form.path.parent)
         data = form.path.read_bytes()
         records.append({"role": form.role, "file": form.path.name, "path": str(form.path),
                         "size": model_bytes(form.path),  # external data counts

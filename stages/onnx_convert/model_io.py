@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
 from pipeline.errors import InvalidModelError
+from stages.onnx_convert.model_checks import check_opset
 
 # Protobuf cannot hold a message over 2 GB; below this size (headroom for the graph beside the weights) a model is
 # serialised whole, above it its weights go to an external-data file. The one threshold every reader and writer uses.
@@ -53,6 +54,7 @@ def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_one_line(e)}") from None
     if not model.graph.node or not model.opset_import:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph nodes or no opset); is this the right file?")
+    check_opset(model)  # before the checker, which reports a too-new opset as an unknown attribute or operator
     try:
         # full_check runs shape inference too; a model over 2 GB must be checked by path
         if fits_in_protobuf(model):

@@ -17,6 +17,7 @@ from pipeline.errors import BadInputError
 from pipeline.files import scoring_batch
 from pipeline.progress import Progress
 from stages.onnx_convert import runtime
+from stages.onnx_convert.model_checks import check_image_axes, dims_of
 from stages.onnx_convert.passes._graph import real_inputs
 
 EMPTY_SPLIT = "the held-out split is empty; raise --val-fraction or give more data"
@@ -34,6 +35,7 @@ def classifier_io(model: onnx.ModelProto, image_size: Sequence[int] | None = Non
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise BadInputError(f"model input {inputs[0].name!r} has shape {dims}; expected (N, C, H, W) images")
+    check_image_axes(inputs[0].name, dims_of(inputs[0]))
     c, h, w = dims[1:]
     if image_size is not None:
         if h is not None and w is not None and (h, w) != tuple(int(v) for v in image_size):

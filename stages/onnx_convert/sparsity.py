@@ -5,6 +5,7 @@ measures: the one definition of "sparsity of a file"."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,12 +65,13 @@ def _graphs(graph: onnx.GraphProto):
                     yield from _graphs(g)
 
 
-def _float_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """name -> (shape, numel, zeros) of the float initializers, dense and sparse ones."""
+def _float_tensors(graph: onnx.GraphProto, base_dir: str) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """name -> (shape, numel, zeros) of the float initializers, dense and sparse ones (external data read from
+    `base_dir`)."""
     out = {}
     for t in graph.initializer:
         if t.data_type in FLOAT_TYPES:
-            a = numpy_helper.to_array(t)
+            a = numpy_helper.to_array(t, base_dir)
             out[t.name] = (tuple(a.shape), int(a.size), int(a.size - np.count_nonzero(a)))
     for st in graph.sparse_initializer:
         if st.values.data_type in FLOAT_TYPES:
@@ -80,7 +82,7 @@ def _float_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], i
     return out
 
 
-def _dequantized_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int, int]]:
+def _dequantized_tensors(graph: onnx.GraphProto, base_dir: str) -> dict[str, tuple[tuple[int, ...], int, int]]:
     """Outputs of DequantizeLinear nodes over quantized initializers (a QDQ model's weights) -> (shape, numel,
     zeros): an entry dequantizes to exactly 0.0 where it equals its zero point."""
     inits = {t.name: t for t in graph.initializer}
@@ -88,9 +90,9 @@ def _dequantized_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, .
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
-        q = numpy_helper.to_array(inits[node.input[0]])
+        q = numpy_helper.to_array(inits[node.input[0]], base_dir)
         zp_name = node.input[2] if len(node.input) > 2 else ""
-        zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else np.zeros((), q.dtype)
+        zp = numpy_helper.to_array(inits[zp_name], base_dir) if zp_name in inits else np.zeros((), q.dtype)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         if zp.ndim == 1 and q.ndim > 1:  # per channel: broadcast the zero points along `axis`
             zp = zp.reshape([-1 if d == axis % q.ndim else 1 for d in range(q.ndim)])
@@ -98,14 +100,15 @@ def _dequantized_tensors(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, .
     return out
 
 
-def file_sparsity(model: onnx.ModelProto) -> FileSparsity:
+def file_sparsity(model: onnx.ModelProto, base_dir: str | os.PathLike = "") -> FileSparsity:
     """Zeros in the prunable weights (initializers feeding a Conv/ConvTranspose/Gemm/MatMul weight input,
     directly or through a DequantizeLinear in a quantized model) and in all float parameters, subgraphs
-    included."""
+    included. A model loaded without its external data reads it from `base_dir`: the model file's directory, never
+    the working directory."""
     layers, seen = [], set()
     params_total = params_zeros = 0
     for graph in _graphs(model.graph):
-        tensors = {**_float_tensors(graph), **_dequantized_tensors(graph)}
+        tensors = {**_float_tensors(graph, str(base_dir)), **_dequantized_tensors(graph, str(base_dir))}
         for _shape, numel, zeros in tensors.values():
             params_total += numel
             params_zeros += zeros

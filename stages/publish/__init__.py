@@ -18,10 +18,11 @@ from stages.publish.targets import resolve
 __all__ = ["MODEL_FILE", "STAGE", "PublishResult", "check_registry", "publish", "publish_stage", "versions"]
 
 
-def check_registry(registry: str) -> None:
-    """Before any work: the registry named by `--registry` is one we can publish to (exit 2), and answers (exit 3)."""
+def check_registry(registry: str, name: str = "", need_bytes: int = 0) -> None:
+    """Before any work: the registry named by `--registry` is one we can publish to (exit 2), answers, is writable
+    down to where a version of `name` goes and has room for `need_bytes` (exit 3)."""
     target, location = resolve(registry)
-    target.check(location)
+    target.check(location, name, need_bytes)
 
 
 def publish(run_dir: str | Path, report: ValidationReport | str | Path, config, *,

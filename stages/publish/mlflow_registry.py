@@ -69,12 +69,12 @@ def parse_uri(uri: str) -> tuple[str, Path | None]:
     raise BadInputError(f"unsupported MLflow URI {uri!r}; {USAGE}")
 
 
-def check_mlflow_registry(uri: str) -> None:
+def check_mlflow_registry(uri: str, name: str = "", need_bytes: int = 0) -> None:
     """Before any work: BadInputError (exit 2) for a URI we cannot use or a database file we could not write,
     EnvironmentProblem (exit 3) for a tracking server that does not answer. Creates nothing."""
     kind, database = parse_uri(uri)
     if kind == "sqlite":
-        check_writable_dir(database.absolute().parent, "registry")
+        check_writable_dir(database.absolute().parent, "registry", need_bytes=need_bytes)
         if database.exists():
             _check_sqlite_file(database)
         return

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 class Target:
     name: str
     prefix: str  # "mlflow:"; "" for the registry directory, which takes whatever no prefix claims
-    check: Callable[[str], None]  # (location) -> None; BadInputError (exit 2) / EnvironmentProblem (exit 3)
+    # (location, model name, bytes needed) -> None; BadInputError (exit 2) / EnvironmentProblem (exit 3)
+    check: Callable[[str, str, int], None]
     publish: Callable  # (location, name, VersionContent, report, config) -> PublishResult
 
 

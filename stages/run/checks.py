@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.artifacts import check_writable_dir, run_dir_for, sha256_file
+from pipeline.artifacts import RUN_ID_TEMPLATE, check_writable_dir, run_dir_for, sha256_file
 from pipeline.config import CompressConfig, data_options
 from pipeline.data import DataSplits, load_data
 from pipeline.devices import resolve_device
@@ -18,7 +18,8 @@ from pipeline.errors import NetworkCutError
 from pipeline.preprocessing import resolve
 from stages import compute_masks, cut_channels, import_onnx
 from stages.onnx_convert import runtime
-from stages.onnx_convert.model_io import load_checked
+from stages.onnx_convert.model_checks import check_finite_weights
+from stages.onnx_convert.model_io import load_checked, model_bytes
 from stages.onnx_convert.scoring import accuracy, classifier_io
 from stages.publish import check_registry
 from stages.publish.manifest import check_model_name
@@ -114,13 +115,17 @@ def check_request(config: CompressConfig) -> Request:
     resolve_device(config.device)  # CUDA asked for but absent: exit 3 before any work
     check_nproc(config.nproc, config.device)  # more processes than GPUs: exit 2
     model = load_checked(config.model)
+    check_finite_weights(model)  # before onnxruntime scores it: NaN logits would only look like a bad model
     if config.quantize == "int8":
         check_not_quantized(model, Path(config.model).name)
     _, input_shape, num_classes = classifier_io(model, config.image_size)
     prep = resolve(config.preprocessing_options(), {p.key: p.value for p in model.metadata_props}, input_shape[0],
                    input_shape[1:], Path(config.model).name)
-    check_registry(config.registry)
-    check_writable_dir(config.runs_dir, "runs-dir")
+    size = model_bytes(config.model)
+    # estimates: a run holds the graph a few times over (normalized, checkpoint with optimizer state, the exported
+    # forms), a version the published forms
+    check_registry(config.registry, config.model_name, need_bytes=3 * size)
+    check_writable_dir(config.runs_dir, "runs-dir", below=(RUN_ID_TEMPLATE,), need_bytes=8 * size)
     data = load_data(config.data, input_shape, num_classes=num_classes, augment=False, mean=prep.mean, std=prep.std,
                      geometry=prep.geometry, split_file=split_file_for(config), **data_options(config))
     data = replace(data, normalization=prep.normalization, geometry_from=prep.geometry_from)

@@ -6,6 +6,7 @@ Imports no flows/prefect/click."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import traceback
@@ -15,7 +16,7 @@ from typing import Any
 
 from pipeline.artifacts import RunFiles, write_bytes_atomic, write_json_atomic
 from pipeline.config import CompressConfig
-from pipeline.errors import BadInputError, ForceCompressError
+from pipeline.errors import BadInputError, ForceCompressError, environment_problem
 from pipeline.stage import Stage
 from stages import compute_masks, cut_channels, export_onnx, import_onnx, publish, quantize, validate
 from stages.measure.report import ValidationReport
@@ -123,7 +124,8 @@ def train_steps(step: Runner, request: Request, *, masks_stage: Stage = compute_
     config, rd, data = step.config, step.run_dir, request.data
     imported = step(import_onnx.STAGE, model_path=request.model_path, run_dir=rd, config=config)
     normalized = str(imported.normalized_path)
-    masks = step(masks_stage, normalized_path=normalized, run_dir=rd, config=config, data=data)
+    masks = step(masks_stage, normalized_path=normalized, run_dir=rd, config=config, data=data,
+                 output_kind=imported.output_kind)
     if config.cut_check:
         check_cut(masks, config)
     graph, train_masks, uncut = normalized, masks, None
@@ -131,7 +133,8 @@ def train_steps(step: Runner, request: Request, *, masks_stage: Stage = compute_
         cut_result = step(cut_channels.STAGE, normalized_path=normalized, masks=masks, run_dir=rd, config=config,
                           data=data)
         graph, train_masks, uncut = str(cut_result.cut_path), cut_result, normalized
-    trained = step(sparse_train.STAGE, graph=graph, masks=train_masks, config=config, run_dir=rd, data=data)
+    trained = step(sparse_train.STAGE, graph=graph, masks=train_masks, config=config, run_dir=rd, data=data,
+                   output_kind=imported.output_kind)
     drop_checkpoint(trained, config.keep_checkpoint)
     return Trained(imported, masks, graph, train_masks, uncut, trained)
 
@@ -170,8 +173,12 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         raise
     except ForceCompressError:
         raise
-    except Exception:  # an internal error: keep the traceback beside the run's files
-        write_bytes_atomic(run_dir / RunFiles.ERROR, traceback.format_exc().encode())
+    except Exception as e:  # keep the traceback beside the run's files; a full disk or a denied write: exit 3
+        with contextlib.suppress(OSError):  # the disk may be the problem
+            write_bytes_atomic(run_dir / RunFiles.ERROR, traceback.format_exc().encode())
+        problem = environment_problem(e)
+        if problem is not None:
+            raise problem from e
         raise
 
     summary = RunSummary(

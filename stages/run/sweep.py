@@ -102,8 +102,9 @@ def plan_sweep(fields: dict, sparsities, methods, jobs: int = 1) -> SweepPlan:
 # --- the dense baseline ------------------------------------------------------------------------------------
 
 
-def dense_masks(normalized_path: str, run_dir: str, config, data) -> compute_masks.MaskResult:
-    """Every weight kept: the dense network trained by the sparse-train stage is the baseline."""
+def dense_masks(normalized_path: str, run_dir: str, config, data,
+                output_kind: str = "logits") -> compute_masks.MaskResult:
+    """Every weight kept: the dense network trained by the sparse-train stage is the baseline (no loss is scored)."""
     return compute_masks.compute_masks_stage(normalized_path, Path(run_dir) / RunFiles.MASKS, method="random",
                                              density=1.0)
 

@@ -10,13 +10,15 @@ from stages.sparse_train.training import TrainResult, preprocessing_of, sparse_t
 from stages.sparse_train.worker import launches, sparse_train_processes
 
 
-def train_stage(graph: str, masks, config, run_dir: str, data) -> TrainResult:
+def train_stage(graph: str, masks, config, run_dir: str, data, output_kind: str = "logits") -> TrainResult:
     """Train `graph` (normalized.onnx, or cut.onnx after a channel cut) under `masks` (a MaskResult or CutResult:
-    its `masks_path`). Several processes load the data each in their own process; one trains on `data`."""
+    its `masks_path`), with the loss that fits `output_kind` (ImportResult.output_kind). Several processes load
+    the data each in their own process; one trains on `data`."""
     masks_path = str(masks.masks_path)
     if launches(config.nproc):  # data-parallel: torchrun runs the training in nproc processes, this one waits
-        return sparse_train_processes(graph, masks_path, config, run_dir, preprocessing=preprocessing_of(data))
-    return sparse_train(graph, masks_path, config, run_dir, data=data)
+        return sparse_train_processes(graph, masks_path, config, run_dir, preprocessing=preprocessing_of(data),
+                                      output_kind=output_kind)
+    return sparse_train(graph, masks_path, config, run_dir, data=data, output_kind=output_kind)
 
 
 def drop_checkpoint(trained: TrainResult, keep: bool) -> None:

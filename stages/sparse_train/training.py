@@ -19,7 +19,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from force_core import (
     fold_train_norm,
     recalibrate_train_norm,
 )
+from force_core.losses import LOSSES
 from force_core.train_norm import FeatureBatchNorm
 from pipeline.artifacts import RunFiles, atomic_path, write_json_atomic
 from pipeline.config import CompressConfig, data_options
@@ -126,12 +127,13 @@ def _apply_(enforcer: MaskEnforcer) -> None:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               enforcer: MaskEnforcer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               enforcer: MaskEnforcer | None = None,
+               loss_fn: Callable[..., torch.Tensor] = F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step (bf16 autocast on CUDA); with `enforcer`, pruned entries get zero gradient and are
     exactly 0.0 after the step. Returns (loss, logits), not synchronised."""
     with _autocast(x.device):
         out = model(x)
-        loss = F.cross_entropy(out.float(), y)
+        loss = loss_fn(out.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if enforcer is not None:
@@ -217,7 +219,7 @@ def _lr_lambda(schedule: str, total_steps: int):
         return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
     if schedule == "step":
         return lambda t: 0.1 ** ((t >= 0.5 * total) + (t >= 0.75 * total))
-    raise BadInputError(f"unknown lr_schedule {schedule!r}; use cosine or step")
+    raise BadInputError(f"unknown --lr-schedule {schedule!r}; use cosine or step")
 
 
 def make_optimizer(module: nn.Module, config: CompressConfig) -> torch.optim.Optimizer:
@@ -226,7 +228,7 @@ def make_optimizer(module: nn.Module, config: CompressConfig) -> torch.optim.Opt
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    raise BadInputError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
+    raise BadInputError(f"unknown --optimizer {config.optimizer!r}; use sgd or adamw")
 
 
 def _autocast(device: torch.device):
@@ -236,8 +238,9 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int | None = None,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) of `module` on `dataset`, in eval mode; restores the module's mode."""
+             device: torch.device | str = "cpu",
+             loss_fn: Callable[..., torch.Tensor] = F.cross_entropy) -> tuple[float, float]:
+    """(mean loss, top-1 accuracy) of `module` on `dataset`, in eval mode; restores the module's mode."""
     device = torch.device(device)
     batch_size = batch_size or scoring_batch(dataset.shape)
     was_training = module.training
@@ -250,11 +253,20 @@ def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int | None = N
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
             out = module(x)
-        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        loss_sum += float(loss_fn(out.float(), y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
         n += len(y)
     module.train(was_training)
     return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _finite_on_all_ranks(value: float, world: int, device: torch.device) -> bool:
+    """Every rank scores the held-out split with its own BatchNorm statistics (CPU DDP): decide together, or one
+    rank stops while the others wait for it at the checkpoint."""
+    finite = torch.tensor(float(math.isfinite(value)), device=device)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def planned_epochs(epochs: int, max_steps: int | None, steps_per_epoch: int) -> tuple[int, int]:
@@ -313,6 +325,7 @@ def train_module(
     max_epochs_this_call: int | None = None,
     plot: bool = True,
     train_norms: list[TrainNorm] | None = None,
+    output_kind: str = "logits",
 ) -> TrainResult:
     """Train `module` in place on `splits.train` for `config.epochs` with `masks` (bool, keyed by parameter name;
     a force_core MaskSet is such a mapping) held exactly, resuming from run_dir/checkpoint.pt when it matches.
@@ -321,8 +334,9 @@ def train_module(
     batch_size / world_size images of every global batch; only rank 0 writes files. On CUDA the BatchNorms
     become SyncBatchNorm; on CPU each rank normalises over its share of the batch (see the module's docstring).
     `train_norms` (from force_core.add_train_norm on `module`) are folded into their layers in trained.pt, which
-    then fits the module without them."""
+    then fits the module without them. `output_kind` (ImportResult.output_kind) picks the loss (`LOSSES`)."""
     t_start = time.perf_counter()
+    loss_fn = LOSSES[output_kind]
     run_dir = Path(run_dir)
     rank, world, local_rank = _dist_env()
     device = resolve_device(config.device)
@@ -416,7 +430,7 @@ def train_module(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, out = train_step(model, x, y, optimizer, enforcer)
+            loss, out = train_step(model, x, y, optimizer, enforcer, loss_fn)
             scheduler.step()
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
@@ -436,10 +450,16 @@ def train_module(
         if not math.isfinite(loss_sum):  # every rank sees the reduced sum: all stop alike
             raise TrainingDivergedError(
                 f"training diverged: the loss became {loss_sum / n} in epoch {epoch + 1} of {epochs} at lr "
-                f"{config.lr:g} ({config.optimizer}); nothing published: give a smaller --lr, or --train-norm for a "
-                "network whose BatchNorm was folded at export")
+                f"{config.lr:g} ({config.optimizer}); nothing published: give a smaller --lr (and keep --train-norm on "
+                "for a network whose BatchNorm was folded at export)")
         eval_batch = max(per_rank_batch, scoring_batch(splits.val.shape))  # no more held than a training step
-        val_loss, val_acc = evaluate(module, splits.val, batch_size=eval_batch, device=device)
+        val_loss, val_acc = evaluate(module, splits.val, batch_size=eval_batch, device=device, loss_fn=loss_fn)
+        if not _finite_on_all_ranks(val_loss, world, device):  # before this epoch's checkpoint: the last one stays
+            raise TrainingDivergedError(
+                f"training diverged: the validation loss became {val_loss} in epoch {epoch + 1} of {epochs} at lr "
+                f"{config.lr:g} ({config.optimizer}); nothing published, the checkpoint of the last finite epoch "
+                "stays in the run directory: give a smaller --lr (and keep --train-norm on for a network whose "
+                "BatchNorm was folded at export)")
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n, "val_loss": val_loss,
             "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "images_per_s": n / train_s,
@@ -469,8 +489,8 @@ def train_module(
     done = len(history) >= epochs
     last = history[-1] if history else None
     if last is None:  # zero epochs: score the masked network as it is
-        vl, va = evaluate(module, splits.val, device=device)
-        tl, ta = evaluate(module, splits.train_plain, device=device)
+        vl, va = evaluate(module, splits.val, device=device, loss_fn=loss_fn)
+        tl, ta = evaluate(module, splits.train_plain, device=device, loss_fn=loss_fn)
         last = {"train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va, "images_per_s": 0.0}
     if is_main:
         if not hist_path.exists():
@@ -523,11 +543,13 @@ def sparse_train(
     max_epochs_this_call: int | None = None,
     data: DataSplits | None = None,
     preprocessing: dict | None = None,
+    output_kind: str = "logits",
 ) -> TrainResult:
     """Rebuild the module from `normalized_path` (ONNX import's deterministic re-conversion), load the masks, train
     on `data` (the run's opened data, augmented here as `config.augment` says; None: `config.data` is loaded, as a
     worker process of a data-parallel run does, with `preprocessing` (`preprocessing_of` the run's data) when given,
-    else the training split's mean/std and a straight resize), write run_dir/trained.pt."""
+    else the training split's mean/std and a straight resize), write run_dir/trained.pt. `output_kind`: what the
+    model outputs (ImportResult.output_kind), which picks the loss."""
     module, param_map = load_module(normalized_path)
     maskset = load_masks(masks_path, param_map)
     norms = add_train_norm(module) if config.train_norm else []
@@ -540,7 +562,7 @@ def sparse_train(
     else:
         splits = augmented(data, config.augment)
     result = train_module(module, maskset, splits, config, run_dir, progress=progress,
-                          max_epochs_this_call=max_epochs_this_call, train_norms=norms)
+                          max_epochs_this_call=max_epochs_this_call, train_norms=norms, output_kind=output_kind)
     layers = tuple(param_map.to_initializer(f"{n.layer}.weight") for n in norms)
     result = dataclasses.replace(result, train_norm_layers=layers)
     if int(os.environ.get("RANK", 0)) == 0:

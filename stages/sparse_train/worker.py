@@ -82,7 +82,8 @@ def launches(nproc: int) -> bool:
 
 def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str | os.PathLike,
                            config: CompressConfig | ConfigView, run_dir: str | os.PathLike, *,
-                           nproc: int | None = None, preprocessing: dict | None = None):
+                           nproc: int | None = None, preprocessing: dict | None = None,
+                           output_kind: str = "logits"):
     """Stage: `sparse_train` data-parallel on `nproc` (default `config.nproc`) processes of this machine under
     `torchrun --standalone`; returns rank 0's TrainResult. Rank 0's lines (the per-epoch progress) go to this
     process's stderr as they come. A worker's ForceCompressError is raised here as the same class (exit 2 stays
@@ -105,7 +106,7 @@ def sparse_train_processes(normalized_path: str | os.PathLike, masks_path: str |
     write_json_atomic(run_dir_path / REQUEST, {
         "normalized_path": str(normalized_path), "masks_path": str(masks_path), "run_dir": str(run_dir),
         "cwd": os.getcwd(), "config": json.loads(json.dumps(values, default=list)), "fields": fields,
-        "preprocessing": preprocessing,
+        "preprocessing": preprocessing, "output_kind": output_kind,
     })
     rendezvous = [] if multi_node() else ["--standalone"]
     # The shim sets the parent-death signal, then becomes torchrun: a killed parent leaves no torchrun behind.
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         if request.get("cwd") and Path(request["cwd"]).is_dir():
             os.chdir(request["cwd"])  # the parent's relative paths (runs/…) mean the same here
         result = sparse_train(request["normalized_path"], request["masks_path"], _config(request),
-                              request["run_dir"], progress=rank == 0, preprocessing=request.get("preprocessing"))
+                              request["run_dir"], progress=rank == 0, preprocessing=request.get("preprocessing"),
+                              output_kind=request.get("output_kind", "logits"))
         if rank == 0:
             write_bytes_atomic(Path(request["run_dir"]) / RESULT, pickle.dumps(result))
     except ForceCompressError as e:

@@ -1,0 +1,168 @@
+"""Models and trainings that go wrong in a way the user can fix: each is refused (or warned about) in one line that
+names the real cause. The CLI cases run the real command in a subprocess: exit code, one stderr line, no files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+from test_cli_contract import TINY, _one_line, _run
+
+from force_core.channels import ChannelFloorError
+from force_core.losses import LOSSES
+from pipeline.artifacts import RunFiles
+from pipeline.config import make_config
+from pipeline.data import load_data
+from pipeline.errors import BadInputError, ModelShapeError, TrainingDivergedError
+from stages.compute_masks import _floor_message
+from stages.import_onnx import import_onnx
+from stages.onnx_convert.model_io import load_checked
+from stages.onnx_convert.scoring import classifier_io
+from stages.sparse_train.training import train_module
+
+
+class _ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def _export(module, path, shape, dynamic=None) -> str:
+    torch.onnx.export(module.eval(), (torch.zeros(*shape),), str(path), dynamo=False, input_names=["input"],
+                      output_names=["out"], dynamic_axes={"input": {0: "N", **(dynamic or {})}, "out": {0: "N"}})
+    return str(path)
+
+
+def _refused(r, tmp_path) -> str:
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "registry").exists()
+    return _one_line(r)
+
+
+def test_a_channels_last_input_is_refused_as_nhwc(tmp_path):
+    path = _export(_ChannelsLast(), tmp_path / "nhwc.onnx", (1, 32, 32, 3))
+
+    line = _refused(_run(["compress", path, *TINY, "--no-prefect"], tmp_path), tmp_path)
+
+    assert "NHWC" in line and "NCHW" in line and "re-export" in line and "32 channels" not in line
+
+
+def test_a_dynamic_channel_axis_is_named_and_image_size_is_not_suggested(tmp_path):
+    path = _export(_GlobalMean(), tmp_path / "c.onnx", (1, 3, 32, 32), {1: "C"})
+
+    for refuse in (lambda: classifier_io(load_checked(path), (32, 32)),
+                   lambda: import_onnx(path, tmp_path, image_size=(32, 32))):
+        with pytest.raises(ModelShapeError) as e:
+            refuse()
+        assert "channel axis is dynamic" in str(e.value) and "--image-size sets only H and W" in str(e.value)
+        assert "fixed channel count" in str(e.value)
+
+
+class _GlobalMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 10)
+
+    def forward(self, x):
+        return self.fc(x.mean((1, 2, 3)).unsqueeze(1))
+
+
+def test_an_opset_newer_than_onnx_knows_is_named(tmp_path, tiny_at_init):
+    model = onnx.load(tiny_at_init)
+    for o in model.opset_import:
+        o.version = 30
+    onnx.save(model, str(tmp_path / "new.onnx"))
+    limit = onnx.defs.onnx_opset_version()
+
+    line = _refused(_run(["compress", str(tmp_path / "new.onnx"), *TINY, "--no-prefect"], tmp_path), tmp_path)
+
+    assert line == (f"error: opset 30 of domain ai.onnx is newer than this installation supports (onnx "
+                    f"{onnx.__version__} supports up to {limit}); re-export with --opset/opset_version ≤ {limit}")
+
+
+def test_non_finite_weights_name_the_initializer(tmp_path, tiny_at_init):
+    model = onnx.load(tiny_at_init)
+    t = model.graph.initializer[0]
+    a = numpy_helper.to_array(t).copy()
+    a.flat[:2], a.flat[2] = np.nan, np.inf
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+
+    line = _refused(_run(["compress", str(tmp_path / "nan.onnx"), *TINY, "--no-prefect"], tmp_path), tmp_path)
+
+    assert f"initializer {t.name!r} holds 3 NaN/Inf value(s)" in line and "parity" not in line
+    with pytest.raises(BadInputError, match="holds 3 NaN/Inf"):  # import alone checks too, before parity
+        import_onnx(tmp_path / "nan.onnx", tmp_path)
+
+
+def test_the_losses_of_a_softmax_output_equal_cross_entropy_of_its_logits():
+    z, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
+
+    assert torch.allclose(LOSSES["softmax"](z.softmax(1), y), F.cross_entropy(z, y), atol=1e-5)
+    assert torch.allclose(LOSSES["log_softmax"](z.log_softmax(1), y, reduction="sum"),
+                          F.cross_entropy(z, y, reduction="sum"), atol=1e-4)
+
+
+def test_a_softmax_output_is_warned_about_and_trains_above_chance(tmp_path, to_onnx):
+    from conftest import _tiny_cnn
+
+    torch.manual_seed(0)
+    path = to_onnx(nn.Sequential(_tiny_cnn(), nn.Softmax(dim=1)), tmp_path / "softmax.onnx")
+    assert import_onnx(path, tmp_path).output_kind == "softmax"
+
+    r = _run(["compress", path, *TINY, "--sparsity", "0.5", "--epochs", "3", "--no-prefect", "--json"], tmp_path)
+
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    warnings = [ln for ln in r.stderr.splitlines() if "the model's output is a softmax" in ln]
+    assert len(warnings) == 1 and "nll_loss" in warnings[0]
+    assert json.loads(r.stdout)["top1"] > 0.3  # chance is 0.1
+
+
+class _PoisonedEval(nn.Module):
+    """Finite in training; NaN in eval mode once `poison` is set (not state: the checkpoint loads as usual)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+        self.poison = False
+
+    def forward(self, x):
+        out = self.net(x)
+        return out * float("nan") if self.poison and not self.training else out
+
+
+def test_a_non_finite_validation_loss_stops_training_keeping_the_last_finite_checkpoint(tmp_path):
+    splits = load_data("digits", (1, 8, 8), num_classes=10, augment=False)
+    config = make_config(model="tiny.onnx", epochs=2, batch_size=128, lr=0.05, device="cpu", seed=0)
+    module = _PoisonedEval()
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in module.named_parameters() if p.dim() > 1}
+    train_module(module, masks, splits, config, tmp_path, progress=False, max_epochs_this_call=1, plot=False)
+
+    module.poison = True
+    with pytest.raises(TrainingDivergedError) as e:
+        train_module(module, masks, splits, config, tmp_path, progress=False, plot=False)
+
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    assert "validation loss became nan in epoch 2 of 2" in str(e.value)
+    assert torch.load(tmp_path / RunFiles.CHECKPOINT, weights_only=False)["epoch"] == 1
+
+
+def test_the_channel_floor_message_names_real_options():
+    e = ChannelFloorError("force_core's words", multiple=8, reachable=0.9077, sparsity=0.95, floor=178, total=1928)
+
+    line = _floor_message(e)
+
+    assert "min_keep" not in line and "--channel-multiple 8" in line and "--sparsity 0.95" in line
+    assert "largest reachable sparsity is 0.9077" in line
+    nothing = _floor_message(ChannelFloorError("x", multiple=64))
+    assert "min_keep" not in nothing and "smaller --channel-multiple" in nothing
