@@ -158,7 +158,9 @@ def test_bad_input_exits_2_with_one_line(case, digits_version, tiny_at_init):
     assert r.exit_code == 2, (r.output, r.exception)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
-    assert "Traceback" not in r.output and r.stdout == ""
+    assert "Traceback" not in r.output
+    assert json.loads(r.stdout) == {"exit_code": 2, "error": "bad_input", "message": lines[0][len("error: "):],
+                                    "run_dir": None}  # --json answers failures too
 
 
 def test_a_model_without_metadata_in_a_real_subprocess(tiny_at_init, digits_version):
