@@ -397,6 +397,8 @@ def run_case(case: Case, base: Path) -> dict:
             skipped = [f"skipped {bad['unreadable']} unreadable: " + ", ".join(
                 f"{b['image']} ({b.get('error', '')[:60]})" for b in bad["first"])] if bad.get("unreadable") else []
             errors = [ln for ln in errors if ln.startswith("warning:")] + [answer["message"], *skipped]
+        elif not errors and isinstance(answer, dict):  # with --json a failed gate prints its lines in the answer
+            errors = [f"(--json message) {answer.get('message', '')}"]
         left = _left_behind(d)
     return {"case": case.name, "expect": case.expect, "exit": code, "ok": code == case.expect,
             "json": (answer or {}).get("error", "-") if isinstance(answer, dict) else ("none" if answer is None

@@ -111,7 +111,7 @@ def add_train_norm(gm: fx.GraphModule) -> list[TrainNorm]:
         layer = _layer_of(modules[node.target])
         features = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
         norm_cls = _BN_FOR_CONV[layer.weight.dim() - 2] if isinstance(layer, _ConvNd) else FeatureBatchNorm
-        norm = norm_cls(features).to(device=layer.weight.device, dtype=layer.weight.dtype)
+        norm = norm_cls(features, eps=_EPS).to(device=layer.weight.device, dtype=layer.weight.dtype)
         norm.train(gm.training)
         # The BatchNorm subtracts the batch mean, so the layer's bias gets no gradient but float noise, which
         # 1/√ε amplifies where a pruned channel is constant: it grows until the loss is NaN. It stays fixed

@@ -58,6 +58,7 @@ CHECKPOINT = RunFiles.CHECKPOINT
 TRAINED = RunFiles.TRAINED
 HISTORY = RunFiles.HISTORY
 CURVE = RunFiles.CURVE
+RECALIBRATION_BATCHES = CALIBRATION_BATCHES  # training batches the train-time norms' statistics are re-estimated on
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,10 @@ def evaluate(module: nn.Module, dataset: ImageSet, *, batch_size: int | None = N
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def _to_device(batches: list[torch.Tensor], device: torch.device):
+    return (x.to(device, non_blocking=True) for x in batches)
+
+
 def _finite_on_all_ranks(value: float, world: int, device: torch.device) -> bool:
     """Every rank scores the held-out split with its own BatchNorm statistics (CPU DDP): decide together, or one
     rank stops while the others wait for it at the checkpoint."""
@@ -384,6 +389,12 @@ def train_module(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_schedule, total_steps))
     fingerprint = _fingerprint(config, world, splits)
     cpu_masks = {k: v.detach().to("cpu", torch.bool) for k, v in masks.items()}
+    # Before each validation the train-time norms' running statistics are re-estimated on these (un-augmented,
+    # seeded) training images with the epoch's final weights ("precise BatchNorm"): the running averages trail
+    # weights that moved during the epoch, and a pruned channel left with a few weights has so small a variance
+    # that 1/√(σ² + ε) turns that lag into offsets that compound from layer to layer in eval mode.
+    recalibration = [x for x, _ in mask_batches(splits, per_rank_batch, RECALIBRATION_BATCHES, seed=config.seed)] \
+        if train_norms else []
 
     # Resume: weights, optimizer, scheduler, RNG states and history from the last finished epoch.
     start_epoch, history = 0, []
@@ -452,6 +463,8 @@ def train_module(
                 f"training diverged: the loss became {loss_sum / n} in epoch {epoch + 1} of {epochs} at lr "
                 f"{config.lr:g} ({config.optimizer}); nothing published: give a smaller --lr (and keep --train-norm on "
                 "for a network whose BatchNorm was folded at export)")
+        if train_norms:  # eval statistics of the weights as they are now: what is validated is what is exported
+            recalibrate_train_norm(module, train_norms, _to_device(recalibration, device))
         eval_batch = max(per_rank_batch, scoring_batch(splits.val.shape))  # no more held than a training step
         val_loss, val_acc = evaluate(module, splits.val, batch_size=eval_batch, device=device, loss_fn=loss_fn)
         if not _finite_on_all_ranks(val_loss, world, device):  # before this epoch's checkpoint: the last one stays
