@@ -250,6 +250,26 @@ def test_batchnorm_scale_merged_with_running_var_is_separated(tmp_path):
     assert sum(n.endswith(("BatchNormalization.weight", "BatchNormalization.bias")) for n in trainable) == 2, trainable
 
 
+def test_zero_initialised_residual_weights_stored_once_by_the_exporter_are_untied(tmp_path):
+    # zero_init_residual: each block's last BatchNorm scale is 0, so in eval mode the exporter folds it into an
+    # all-zero conv weight and stores the equal tensors once: four "ties" the user's network does not have.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, zero_init_residual=True).eval()
+    src = tmp_path / "zi.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(src), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    result = import_onnx(src, tmp_path / "out")
+    assert any(c.startswith("untied 4 weights shared only because the exporter") for c in result.changes)
+    assert not any(c.startswith("kept") for c in result.changes), result.changes
+    convs = [n for n in onnx.load(str(result.normalized_path)).graph.node if n.op_type == "Conv"]
+    assert len({n.input[1] for n in convs}) == len(convs) == 20  # every convolution its own weight and bias
+    assert len({n.input[2] for n in convs}) == 20
+    module, _ = load_module(result.normalized_path)
+    assert sum(p.dim() == 4 for p in module.parameters()) == 20
+
+
 # --- pools with asymmetric pads: onnxruntime is the reference ----------------------------------------------------
 POOL_CASES = {
     "avg-pads-end-cip0": ("AveragePool", 11, (9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])),

@@ -2,13 +2,18 @@
 
 The PyTorch exporter de-duplicates equal constants (all-zero biases, all-one BatchNorm scales) into
 one initializer, fed directly or through `Identity` nodes. Trained separately they must be separate
-tensors. A prunable weight feeding several nodes is a tie by design: those nodes keep sharing it,
-and so do their biases when the tied nodes share them.
+tensors. That holds for weights too: a zero-initialised residual branch (timm's and torchvision's
+`zero_init_residual`) folds into all-zero convolution weights that the exporter stores once for every block. A
+prunable weight feeding several nodes whose entries are all one value is such a coincidence of initialization and
+is untied; any other is a tie by design (a weight the model itself reuses): those nodes keep sharing it, and so do
+their biases when the tied nodes share them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from stages.onnx_convert.passes._graph import (
     FLOAT_TYPES,
@@ -50,6 +55,8 @@ def run(model: onnx.ModelProto) -> list[str]:
             identities.append(node)
     for node in identities:
         graph.node.remove(node)
+
+    untied = _untie_constant_weights(model, inits, alias)
 
     # 2. every use of a float initializer: (node, input index, the name the node used)
     slots: dict[str, list[tuple[onnx.NodeProto, int, str]]] = {}
@@ -108,9 +115,43 @@ def run(model: onnx.ModelProto) -> list[str]:
         changes.append(f"replaced {len(identities)} Identity nodes of shared constants by initializers of their own")
     if fresh:
         changes.append(f"un-shared {fresh} uses of bias/normalisation initializers shared between layers")
+    if untied:
+        changes.append(f"untied {len(untied)} weights shared only because the exporter stored equal constant tensors "
+                       f"once (each layer trains its own): {', '.join(untied[:5])}{' …' if len(untied) > 5 else ''}")
     if ties:
-        changes.append(f"kept {len(ties)} tied weights tied: {', '.join(ties[:5])}{' …' if len(ties) > 5 else ''}")
+        changes.append(f"kept {len(ties)} tied weights tied (the model reuses them): {', '.join(ties[:5])}"
+                       f"{' …' if len(ties) > 5 else ''}")
     return changes
+
+
+def _untie_constant_weights(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto],
+                            alias: dict[str, str]) -> list[str]:
+    """Give every node but the first its own copy of a prunable weight that several nodes share and whose entries
+    are all one value (see the module's doc); returns the weights untied."""
+    users: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            root = alias.get(name, name)
+            if _weight_slot(inits, node, i, root):
+                users.setdefault(root, []).append((node, i))
+    taken = all_names(model.graph)
+    untied = []
+    for root, uses in users.items():
+        if len({id(n) for n, _ in uses}) < 2:
+            continue
+        values = numpy_helper.to_array(inits[root])
+        if values.size == 0 or not np.all(values == values.flat[0]):
+            continue
+        first = id(uses[0][0])
+        for node, i in uses:
+            if id(node) != first:
+                name = _fresh(taken, root)
+                new = copy_tensor(inits[root], name)
+                add_initializer(model, new)
+                inits[name] = new
+                node.input[i] = name
+        untied.append(root)
+    return untied
 
 
 def _fresh(taken: set[str], base: str) -> str:
