@@ -51,7 +51,8 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor],
     """Effective kept weights of `masks` (parameter name → bool mask) on `model`, for an input of shape `inputs`
     ((C, H, W), no batch dimension) or of the shape of the example tensor `inputs` (batch dimension first).
 
-    One forward and backward pass of a batch of one, in float64 and eval mode, through
+    One forward and backward pass of a batch of one, in float64 (float32 for a graph that casts to float32 itself)
+    and eval mode, through
     `torch.func.functional_call` (the model's parameters, buffers and train/eval modes are left exactly as
     found; nothing is copied but the substitutes). The substitutes make every path positive, so that nothing
     cancels: a masked weight becomes mask · u / (sum of mask · u over its row along dim 0), u drawn from
@@ -92,34 +93,13 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor],
     norm_params = {f"{mod_name}.{p_name}" if mod_name else p_name: p_name
                    for mod_name, module in model.named_modules() if isinstance(module, _NORM_TYPES)
                    for p_name, _ in module.named_parameters(recurse=False)}
-    probes: dict[str, torch.Tensor] = {}
-    values: dict[str, torch.Tensor] = {}
-    generator = torch.Generator().manual_seed(0)
-    for name, p in params.items():
-        if name in masks:
-            u = torch.rand(p.shape, generator=generator, dtype=torch.float64) + 0.5  # drawn on the CPU: any device
-            w = masks[name].to("cpu", torch.float64) * u
-            rows = w.reshape(w.shape[0], -1).sum(1) if w.dim() > 1 else w.sum()
-            rows = torch.where(rows > 0, rows, 1.0)
-            probes[name] = values[name] = (w / rows.reshape(-1, *[1] * (w.dim() - 1))).to(p.device).requires_grad_()
-        elif name.endswith("bias"):
-            values[name] = torch.zeros_like(p, dtype=torch.float64)
-        elif norm_params.get(name) == "weight":
-            values[name] = torch.ones_like(p, dtype=torch.float64)
-        else:
-            values[name] = p.detach().abs().to(torch.float64)
-    for name, b in model.named_buffers():
-        if name.endswith("running_mean"):
-            values[name] = torch.zeros_like(b, dtype=torch.float64)
-        elif name.endswith("running_var"):
-            values[name] = torch.ones_like(b, dtype=torch.float64)
-        elif b.is_floating_point():
-            values[name] = b.to(torch.float64)
-
-    x = torch.rand((1, *shape), generator=generator, dtype=torch.float64) + 0.5
-    grads = _path_gradients(model, values, probes, x.to(device), generator)
+    try:
+        grads = _gradients_in(torch.float64, model, masks, params, norm_params, shape, device)
+    except RuntimeError:  # a graph that casts to float32 itself (an ONNX Cast) cannot run in float64
+        grads = _gradients_in(torch.float32, model, masks, params, norm_params, shape, device)
+    probes = dict(zip([n for n in params if n in masks], grads, strict=True))
     effective = {n: int(torch.count_nonzero(masks[n].to(g.device) & (g != 0))) if g is not None else 0
-                 for n, g in zip(probes, grads, strict=True)}
+                 for n, g in probes.items()}
     kept = {n: int(torch.count_nonzero(m)) for n, m in masks.items()}
     sizes = {n: m.numel() for n, m in masks.items()}
     total = sum(sizes.values())
@@ -129,6 +109,38 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor],
         effective_density=effective_total / total if total else 1.0,
         cut_layers=tuple(n for n in masks if effective[n] == 0),
     )
+
+
+def _gradients_in(dtype: torch.dtype, model: nn.Module, masks: Mapping[str, torch.Tensor],
+                  params: dict[str, torch.Tensor], norm_params: dict[str, str], shape: tuple, device: torch.device):
+    """The substitutes of `effective_sparsity`'s doc in `dtype`, and the path gradients of the masked ones (in the
+    order of `params`)."""
+    probes: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(0)
+    for name, p in params.items():
+        if name in masks:
+            u = torch.rand(p.shape, generator=generator, dtype=torch.float64) + 0.5  # drawn on the CPU: any device
+            w = masks[name].to("cpu", torch.float64) * u
+            rows = w.reshape(w.shape[0], -1).sum(1) if w.dim() > 1 else w.sum()
+            rows = torch.where(rows > 0, rows, 1.0)
+            probes[name] = values[name] = (w / rows.reshape(-1, *[1] * (w.dim() - 1))).to(p.device, dtype) \
+                .requires_grad_()
+        elif name.endswith("bias"):
+            values[name] = torch.zeros_like(p, dtype=dtype)
+        elif norm_params.get(name) == "weight":
+            values[name] = torch.ones_like(p, dtype=dtype)
+        else:
+            values[name] = p.detach().abs().to(dtype)
+    for name, b in model.named_buffers():
+        if name.endswith("running_mean"):
+            values[name] = torch.zeros_like(b, dtype=dtype)
+        elif name.endswith("running_var"):
+            values[name] = torch.ones_like(b, dtype=dtype)
+        elif b.is_floating_point():
+            values[name] = b.to(dtype)
+    x = torch.rand((1, *shape), generator=generator, dtype=torch.float64) + 0.5
+    return _path_gradients(model, values, probes, x.to(device, dtype), generator)
 
 
 # max-pool type -> the average pool over the same windows

@@ -110,6 +110,27 @@ def test_a_zero_batchnorm_scale_is_still_a_path():
     assert e.effective_density == 1.0
 
 
+def test_a_graph_that_casts_to_float32_itself_is_measured(to_onnx, tmp_path):
+    # timm's efficientvit attention holds ONNX Casts to float32: in float64 the next layer's bias and its input
+    # would differ in dtype
+    from stages.import_onnx import import_onnx
+    from stages.onnx_convert.to_torch import load_module
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(256, 10)
+
+        def forward(self, x):
+            h = self.a(x).to(torch.float64).to(torch.float32)
+            return self.fc(self.b(h).flatten(1))
+
+    result = import_onnx(to_onnx(Casting(), tmp_path / "cast.onnx"), tmp_path / "out")
+    module, param_map = load_module(result.normalized_path)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in module.named_parameters() if p.dim() > 1}
+    assert effective_sparsity(module, masks, (1, 8, 8)).effective_density == 1.0
+
+
 def test_the_model_is_left_exactly_as_found():
     model = _resnet20()
     model.train()
