@@ -270,6 +270,31 @@ def test_zero_initialised_residual_weights_stored_once_by_the_exporter_are_untie
     assert sum(p.dim() == 4 for p in module.parameters()) == 20
 
 
+def test_layernorm_after_reshapes_around_a_dynamic_batch_takes_its_shape_from_the_scale(tmp_path):
+    # mobilevit folds the batch into its patch axis: shape inference then knows no axis of the LayerNormalization's
+    # input, and onnx2torch built nn.LayerNorm(normalized_shape=[0])
+    class Patches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.ln, self.fc = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.LayerNorm(8), \
+                torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.conv(x)
+            b, c, hh, ww = h.shape
+            t = self.ln(h.reshape(b * 4, c, hh * ww // 4).transpose(1, 2))
+            return self.fc(t.mean(1).reshape(b, 4, c).mean(1))
+
+    torch.manual_seed(0)
+    src = tmp_path / "patches.onnx"
+    torch.onnx.export(Patches().eval(), (torch.zeros(1, 1, 8, 8),), str(src), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    result = import_onnx(src, tmp_path / "out")  # runs the module on a batch of 2 and checks parity
+    assert result.parity_max_rel < 1e-4
+    module, _ = load_module(result.normalized_path)
+    assert [tuple(m.normalized_shape) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)] == [(8,)]
+
+
 # --- pools with asymmetric pads: onnxruntime is the reference ----------------------------------------------------
 POOL_CASES = {
     "avg-pads-end-cip0": ("AveragePool", 11, (9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])),

@@ -9,6 +9,7 @@ from stages.onnx_convert.ops import (  # noqa: F401
     cast_like,
     dropout,
     gelu,
+    layer_norm,
     pad,
     pool,
     reduce,
