@@ -357,7 +357,8 @@ def _print_summary(summary: dict) -> None:
     for f in summary.get("forms", []):  # the input first: its accuracy beside the outputs'
         click.echo(f"  {f['role']:<8} {f['file']:<26} {f['size'] / 1e6:8.3f} MB (gzip {f['gzip_size'] / 1e6:.3f})  "
                    f"top-1 {f['top1']:.4f}  p50 {f['p50_ms_batch1']:.3f} ms at batch 1, "
-                   f"{f['p50_ms_batch32']:.2f} ms at 32")
+                   f"{f['p50_ms_batch32']:.2f} ms at 32" + ("  (onnxruntime only)" if f.get("onnxruntime_only")
+                                                             else ""))
     stages = "  ".join(f"{k} {v:.1f}s" for k, v in summary.get("stage_seconds", {}).items())
     click.echo(f"  stages: {stages}; total {summary.get('seconds', 0):.1f}s")
     click.echo(f"  report: {summary['report_md']}")

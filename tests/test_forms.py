@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 TINY = ["--sparsity", "0.9", "--epochs", "2", "--steps", "2", "--mask-batch-size", "64", "--batch-size", "64",
         "--min-accuracy", "0.15"]
@@ -54,7 +55,17 @@ def test_a_version_holds_dense_compact_and_int8_forms_each_validated(tiny_at_ini
     assert int8.prunable_total == fp32.prunable_total and int8.prunable_zeros >= fp32.prunable_zeros > 0
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(version / "model.int8.onnx"))
                                                        .graph.node}
+    # OpenVINO, the second runtime: it reads the dense and INT8 files with onnxruntime's top-1 and no sparse
+    # initializer file, which the manifest marks onnxruntime-only
+    pytest.importorskip("openvino")
+    for role in ("fp32", "int8"):
+        ov = arts[role]["openvino"]
+        assert ov["checked"] and ov["reads"] and ov["same_top1"] and not arts[role]["onnxruntime_only"], (role, ov)
+        assert abs(ov["top1"] - arts[role]["top1"]) <= 1 / len(val) + 1e-9
+    assert arts["compact"]["onnxruntime_only"] and arts["compact"]["openvino"]["reads"] is False
+    assert arts["compact"]["openvino"]["checked"] and arts["compact"]["openvino"]["why"]
     md = (version / "report.md").read_text()
+    assert "**onnxruntime only**" in md
     assert "What each form buys" in md and "INT8 ÷ FP32 at batch 32" in md and "calibrated on" in md
     checks = json.loads((version / "report.json").read_text())["checks"]
     assert {"min_accuracy_int8", "int8_sparsity", "min_accuracy_compact"} <= {c["name"] for c in checks}

@@ -1,8 +1,9 @@
 """Every form of one compressed model measured the same way: the input, the dense FP32 export (every runtime
 reads it), the compact FP32 file (sparse initializers), the INT8 file and, when onnxruntime reads it, the INT8 file
 with sparse initializers. Size, gzip size, sha256, top-1/top-5 on the held-out split, sparsity read from the file
-and latency p50/p90 at batch 1 and 32, all forms timed in the same interleaved rounds. One table; the gate's
-checks for the extra forms. Imports no flows/prefect/click."""
+and latency p50/p90 at batch 1 and 32, all forms timed in the same interleaved rounds, and whether OpenVINO reads
+each published form with the same top-1 (second_runtime). One table; the gate's checks for the extra forms.
+Imports no flows/prefect/click."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import onnx
 
 from pipeline.artifacts import atomic_path, sha256_file
 from stages.measure.latency import interleaved_latency
+from stages.measure.second_runtime import onnxruntime_only, openvino_record
 from stages.onnx_convert import runtime
 from stages.onnx_convert.model_io import model_bytes
 from stages.onnx_convert.scoring import accuracy
@@ -49,6 +51,9 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
                         "gzip_size": len(gzip.compress(data, compresslevel=6)), "sha256": sha256_file(form.path),
                         "top1": top1, "top5": top5, "prunable_zeros": sparsity.prunable_zeros,
                         "prunable_total": sparsity.prunable_total, "latency_ms": {}})
+        if form.role != "input":  # what we publish: does the second runtime read it, with the same top-1?
+            records[-1]["openvino"] = openvino_record(form.path, val, top1, len(val))
+            records[-1]["onnxruntime_only"] = onnxruntime_only(records[-1]["openvino"])
     for batch in BATCHES:
         timed = interleaved_latency(sessions, input_shape, batch=batch, runs=runs, budget_s=8.0)
         for record, t in zip(records, timed, strict=True):

@@ -161,16 +161,26 @@ def render_markdown(report: ValidationReport, config) -> str:
 
 
 def _forms_table(report: ValidationReport) -> list[str]:
-    rows = ["| form | file | size | gzip | top-1 | batch 1 p50 / p90 | batch 32 p50 / p90 | ÷ input, batch 32 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| form | file | size | gzip | top-1 | batch 1 p50 / p90 | batch 32 p50 / p90 | ÷ input, batch 32 "
+            "| OpenVINO |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in report.forms:
         b1, b32 = f["latency_ms"]["1"], f["latency_ms"]["32"]
         ratio = b32.get("ratio")
         rows.append(f"| {FORM_LABELS[f['role']]} | `{f['file']}` | {_mb(f['size'])} | {_mb(f['gzip_size'])} "
                     f"| {f['top1']:.4f} | {b1['p50']:.3f} / {b1['p90']:.3f} ms "
                     f"| {b32['p50']:.2f} / {b32['p90']:.2f} ms "
-                    f"| {'–' if ratio is None else format(ratio['median'], '.3f')} |")
+                    f"| {'–' if ratio is None else format(ratio['median'], '.3f')} | {_openvino_cell(f)} |")
     return rows
+
+
+def _openvino_cell(form: dict) -> str:
+    ov = form.get("openvino")
+    if ov is None:
+        return "–"  # the input: the user's own file
+    if ov.get("reads") and ov.get("same_top1"):
+        return f"top-1 {ov['top1']:.4f}"
+    return f"**onnxruntime only**: {ov['why']}" if form.get("onnxruntime_only") else f"not checked ({ov['why']})"
 
 
 def _sparse_note(report: ValidationReport) -> str:

@@ -109,7 +109,8 @@ def artifact_records(report) -> list[dict]:
                     "primary": f["role"] == "fp32", "size": f["size"], "gzip_size": f["gzip_size"],
                     "sha256": f["sha256"], "top1": f["top1"], "top5": f["top5"],
                     "prunable_zeros": f["prunable_zeros"], "prunable_total": f["prunable_total"],
-                    "latency_ms": latency, "onnxruntime_loads": True})
+                    "latency_ms": latency, "onnxruntime_loads": True,
+                    "onnxruntime_only": f.get("onnxruntime_only", False), "openvino": f.get("openvino")})
     return out
 
 

@@ -200,4 +200,5 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
 
 def _form_summary(form: dict) -> dict:
     return {**{k: form[k] for k in ("role", "file", "size", "gzip_size", "top1", "sha256")},
+            "onnxruntime_only": form.get("onnxruntime_only", False),
             **{f"p50_ms_batch{b}": t["p50"] for b, t in form["latency_ms"].items()}}
