@@ -40,7 +40,7 @@ from force_core import (
     recalibrate_train_norm,
 )
 from force_core.losses import LOSSES
-from force_core.train_norm import FeatureBatchNorm
+from force_core.train_norm import FeatureBatchNorm, silence_constant_channels
 from pipeline.artifacts import RunFiles, atomic_path, write_json_atomic
 from pipeline.config import CompressConfig, data_options
 from pipeline.data import DataSplits, ImageSet, augmented, load_data, make_loader, mask_batches
@@ -392,8 +392,11 @@ def train_module(
     # Before each validation the train-time norms' running statistics are re-estimated on these (un-augmented,
     # seeded) training images with the epoch's final weights ("precise BatchNorm"): the running averages trail
     # weights that moved during the epoch, and a pruned channel left with a few weights has so small a variance
-    # that 1/√(σ² + ε) turns that lag into offsets that compound from layer to layer in eval mode.
-    recalibration = [x for x, _ in mask_batches(splits, per_rank_batch, RECALIBRATION_BATCHES, seed=config.seed)] \
+    # that 1/√(σ² + ε) turns that lag into offsets that compound from layer to layer in eval mode. Channels then
+    # found constant (variance under force_core's CONSTANT_VAR: float noise only) output their β, exactly, in eval
+    # mode and in the folded export, instead of that noise amplified.
+    # Every rank takes the same global batches: the statistics do not depend on the number of processes.
+    recalibration = [x for x, _ in mask_batches(splits, config.batch_size, RECALIBRATION_BATCHES, seed=config.seed)] \
         if train_norms else []
 
     # Resume: weights, optimizer, scheduler, RNG states and history from the last finished epoch.
@@ -465,6 +468,7 @@ def train_module(
                 "for a network whose BatchNorm was folded at export)")
         if train_norms:  # eval statistics of the weights as they are now: what is validated is what is exported
             recalibrate_train_norm(module, train_norms, _to_device(recalibration, device))
+            silence_constant_channels(module, train_norms)
         eval_batch = max(per_rank_batch, scoring_batch(splits.val.shape))  # no more held than a training step
         val_loss, val_acc = evaluate(module, splits.val, batch_size=eval_batch, device=device, loss_fn=loss_fn)
         if not _finite_on_all_ranks(val_loss, world, device):  # before this epoch's checkpoint: the last one stays
