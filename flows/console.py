@@ -1,8 +1,7 @@
 """What Prefect prints on the terminal of a CLI run. Prefect logs a failed task or flow with its traceback; for our
-own errors (one line that names the problem, see pipeline.errors), a full disk or a denied write and for an
-interrupted run that traceback is
-noise on the terminal, so the console handler drops it. The run's log in the Prefect API keeps it (its handler
-sees the record first), and internal errors keep theirs everywhere."""
+own errors (one line that names the problem, see pipeline.errors), a full disk or a denied write, and an interrupted
+run, that traceback is noise on the terminal, so the console handler drops it. The run's log in the Prefect API
+keeps it (its handler sees the record first), and internal errors keep theirs everywhere."""
 
 from __future__ import annotations
 

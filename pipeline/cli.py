@@ -29,7 +29,7 @@ def _handle_errors(fn):
     """Every outcome of a command gets its exit code: our exceptions one line on stderr and no traceback; SIGTERM and
     SIGINT 128 + the signal after the `finally` blocks on the way have cleaned up; an OSError that is the machine's
     (disk full, permission denied, name too long) exit 3 with one line; anything else exit 4 with its traceback.
-    With `--json`, stdout also gets one JSON object whatever the outcome (`_failure`)."""
+    With `--json`, stdout also gets one JSON object whatever the outcome (`_fail`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -381,7 +381,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
       3    environment: CUDA asked for but absent, no Prefect API, a disk full or too small, a path not
            writable or a name too long (checked before any work; met later: traceback in error.txt)
       4    internal error (traceback on stderr and in the run directory's error.txt)
-      130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: nothing published, no staging folder left"""
+      130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: no staging folder or half-written file left"""
 
     from pipeline.config import make_config
     from stages.run.checks import check_request, hand_over

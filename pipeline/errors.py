@@ -79,10 +79,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signum)
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
 
 # errno values that say the machine, not the input or our code, stopped a write: exit 3
 _ENVIRONMENT_ERRNOS = {

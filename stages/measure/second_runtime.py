@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from stages.onnx_convert.scoring import accuracy
-
 SPARSE_RULE = "holds sparse initializers, which OpenVINO does not read"
 
 
@@ -39,20 +37,27 @@ class _Compiled:
         return [np.asarray(result[self._compiled.outputs[0]])]
 
 
-def openvino_record(path: Path, dataset, ort_top1: float, n_images: int) -> dict:
-    """What OpenVINO makes of the form at `path`: {"checked", "reads", "top1", "same_top1", "why"}; `same_top1`
-    allows one image of `n_images` (float32 sums in another order can flip a near tie)."""
+def compile_openvino(path: Path) -> tuple[_Compiled | None, dict | None]:
+    """(the form compiled for OpenVINO's CPU plugin, to be scored with the others, None) or (None, the record of a
+    form it does not read or could not check)."""
     try:
         import openvino as ov
     except ImportError:
         sparse = len(onnx.load(str(path), load_external_data=False).graph.sparse_initializer) > 0
-        return {"checked": False, "reads": False if sparse else None,
-                "why": SPARSE_RULE if sparse else "OpenVINO is not installed here: not checked"}
+        return None, {"checked": False, "reads": False if sparse else None,
+                      "why": SPARSE_RULE if sparse else "OpenVINO is not installed here: not checked"}
     try:
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return _Compiled(ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})), None
     except Exception as e:  # noqa: BLE001 - whatever OpenVINO raises, it does not read this file
-        return {"checked": True, "reads": False, "why": _reason(e)}
-    top1, top5 = accuracy(_Compiled(compiled), dataset)
+        return None, {"checked": True, "reads": False, "why": _reason(e)}
+
+
+def scored_record(scores: tuple[float, float], ort_top1: float, n_images: int) -> dict:
+    """The record of a form OpenVINO read and scored (`scores`: its top-1, top-5); `same_top1` allows one image of
+    `n_images` (float32 sums in another order can flip a near tie)."""
+    import openvino as ov
+
+    top1, top5 = scores
     same = abs(top1 - ort_top1) <= 1.0 / max(n_images, 1) + 1e-9
     return {"checked": True, "reads": True, "top1": top1, "top5": top5, "same_top1": same, "version": ov.__version__,
             "why": "" if same else f"top-1 {top1:.4f} in OpenVINO, {ort_top1:.4f} in onnxruntime"}

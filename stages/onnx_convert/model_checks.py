@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline.errors import BadInputError, ModelShapeError, UnsupportedOperatorError
+from stages.onnx_convert.passes._graph import FLOAT_TYPES
 
 # Ops that leave a softmax a softmax on the way to the graph output (exporters add them after the head).
 _SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze"})
@@ -33,7 +34,7 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
     disagree."""
     bad = []
     for t in model.graph.initializer:
-        if t.data_type not in _FLOAT_TYPES:
+        if t.data_type not in FLOAT_TYPES:
             continue
         n = int(np.size(a := numpy_helper.to_array(t))) - int(np.count_nonzero(np.isfinite(a)))
         if n:
@@ -44,9 +45,6 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
         raise BadInputError(f"the model's weights are not finite: initializer {name!r} holds {n} NaN/Inf value(s) "
                             f"of {size}{more}; re-export the model from finite weights")
 
-
-_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                          onnx.TensorProto.BFLOAT16})
 
 
 def dims_of(value_info: onnx.ValueInfoProto) -> list[int | str | None]:

@@ -102,24 +102,30 @@ def first_images(dataset, n: int = 16) -> np.ndarray:
 
 def accuracy(session, dataset, batch_size: int | None = None) -> tuple[float, float]:
     """Top-1 and top-5 of `session` on `dataset` (in batches of a bounded size: see scoring_batch)."""
+    return accuracies([session], dataset, batch_size)[0]
+
+
+def accuracies(sessions, dataset, batch_size: int | None = None) -> list[tuple[float, float]]:
+    """(top-1, top-5) of each session (onnxruntime, or anything with its `get_inputs` and `run`) on `dataset`, in one
+    pass over it: a streamed held-out split is read and decoded once for all of them."""
     if len(dataset) == 0:
         raise BadInputError(EMPTY_SPLIT)
     shape = getattr(dataset, "shape", None)
     batch_size = batch_size or (scoring_batch(shape) if shape else 256)
-    hits1 = hits5 = n = 0
+    hits = np.zeros((len(sessions), 2), dtype=np.int64)
+    n = 0
     progress = Progress("scoring", math.ceil(len(dataset) / batch_size), len(dataset))
     for x, y in numpy_batches(dataset, batch_size):
         progress.update(1, len(y))
-        logits = run_logits(session, x)
-        k = min(5, logits.shape[1])
-        topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        hits1 += int((topk[:, 0] == y).sum())
-        hits5 += int((topk == y[:, None]).any(axis=1).sum())
+        for k, session in enumerate(sessions):
+            logits = run_logits(session, x)
+            topk = np.argsort(-logits, axis=1, kind="stable")[:, :min(5, logits.shape[1])]
+            hits[k] += (int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(axis=1).sum()))
         n += len(y)
     progress.close()
     if n == 0:
         raise BadInputError("no held-out image could be read; see the unreadable images named above")
-    return hits1 / n, hits5 / n
+    return [(int(h1) / n, int(h5) / n) for h1, h5 in hits]
 
 
 def onnx_accuracy(model_path: str | os.PathLike | Path, dataset, *, device="cpu",

@@ -17,6 +17,7 @@ from stages.compute_masks import MaskResult, compute_masks_stage, mask_batch_cou
 from stages.export_onnx import ExportResult, export_onnx
 from stages.import_onnx import import_onnx
 from stages.onnx_convert.mask_file import effective_sidecar
+from stages.onnx_convert.model_checks import dims_of
 from stages.onnx_convert.model_io import load_checked
 from stages.onnx_convert.passes._graph import real_inputs
 from stages.onnx_convert.sparsity import file_sparsity
@@ -61,7 +62,7 @@ def apply_masks(model: str | os.PathLike, masks: str | os.PathLike, out: str | o
 
 
 def _dims(v: onnx.ValueInfoProto) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+    return [d if d is not None else "?" for d in dims_of(v)]
 
 
 def inspect_model(path: str | os.PathLike, *, try_import: bool = True,
