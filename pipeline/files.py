@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ NAMED_BAD = 10  # unreadable images named in the report
 READ_LOG_ENV = "FORCE_COMPRESS_READ_LOG"  # debugging the data plane: each process appends "epoch name" lines to
 # $FORCE_COMPRESS_READ_LOG.<rank> (torchrun workers) or .main
 _SHARD_LABEL_EXTS = ("cls", "label")
+SPILL_BYTES = 32 * 2**20  # a file list larger than this reaches forkserver workers as memory-mapped arrays
 
 
 # ----------------------------------------------------------------------------------------------- file lists
@@ -51,6 +53,32 @@ class FileList:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def __getstate__(self) -> dict:
+        """What a forkserver worker receives: a large list as the folder of its arrays, memory-mapped there (one copy
+        in the page cache for all workers, not one pickled copy each: ImageNet's 1.28M paths are ~0.9 GB as arrays)."""
+        arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        if sum(a.nbytes for a in arrays.values()) < SPILL_BYTES:
+            return vars(self).copy()
+        if "_spilled" not in vars(self):
+            import shutil
+            import tempfile
+            import weakref
+
+            folder = tempfile.mkdtemp(prefix="force-compress-files-")
+            for k, a in arrays.items():
+                np.save(os.path.join(folder, f"{k}.npy"), a)
+            weakref.finalize(self, shutil.rmtree, folder, True)  # workers keep their maps of the unlinked files
+            object.__setattr__(self, "_spilled", folder)
+        return {"_spilled": vars(self)["_spilled"], **{k: v for k, v in vars(self).items() if k not in arrays}}
+
+    def __setstate__(self, state: dict) -> None:
+        folder = state.get("_spilled")
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        if folder:
+            for f in os.listdir(folder):
+                object.__setattr__(self, f[:-4], np.load(os.path.join(folder, f), mmap_mode="r"))
 
     def subset(self, idx: np.ndarray) -> FileList:
         idx = np.asarray(idx, dtype=np.int64)
@@ -223,6 +251,8 @@ class FileImageDataset(Dataset):
         self.augment = augment or Augment()
         self.seed, self.workers = int(seed), int(workers)
         self.bad = bad if bad is not None else BadImages()
+        # read here, not in the worker: a forkserver worker sees the server's environment, not this process's
+        self.read_log = _read_log_path()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -250,7 +280,8 @@ class FileImageDataset(Dataset):
     def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:
         """(normalised image, label, "" or why it is unreadable) of item (index, epoch) or index."""
         i, epoch = item if isinstance(item, tuple) else (item, 0)
-        _log_read(str(self.files.names[i]), epoch)
+        if self.read_log:
+            _log_read(self.read_log, str(self.files.names[i]), epoch)
         try:
             x = self.pixels(i)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
@@ -273,8 +304,10 @@ class FileImageDataset(Dataset):
                 workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of the given indices, in order, read by DataLoader workers (unreadable images skipped and
         counted)."""
+        n = self._workers(workers, len(index_batches))
         loader = DataLoader(_Named(self), batch_sampler=[[(int(i), epoch) for i in b] for b in index_batches],
-                            collate_fn=self.collate, num_workers=self._workers(workers, len(index_batches)))
+                            collate_fn=self.collate, num_workers=n,
+                            multiprocessing_context=worker_context() if n else None)
         yield from _counted(loader, self.bad)
 
     def batch(self, idx, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,12 +340,26 @@ def _counted(loader, bad: BadImages) -> Iterator[tuple[torch.Tensor, torch.Tenso
             yield x, y
 
 
-def _log_read(name: str, epoch: int) -> None:
+def _read_log_path() -> str | None:
     path = os.environ.get(READ_LOG_ENV)
-    if path:
-        rank = os.environ.get("RANK", "main")  # a torchrun worker, or the process that runs the other stages
-        with open(f"{path}.{rank}", "a") as f:
-            f.write(f"{epoch} {name}\n")
+    rank = os.environ.get("RANK", "main")  # a torchrun worker, or the process that runs the other stages
+    return f"{path}.{rank}" if path else None
+
+
+def _log_read(path: str, name: str, epoch: int) -> None:
+    with open(path, "a") as f:
+        f.write(f"{epoch} {name}\n")
+
+
+def worker_context():
+    """How DataLoader workers start: from a forkserver, never forked from this process. A process that forks while
+    another of its threads holds a lock hands the worker that lock held, and a worker that needs it waits forever;
+    this process has such threads whenever it matters (a Prefect flow run's, a sweep's cells, and the queue feeder
+    threads of every DataLoader still alive). A CI run of the suite so waited 15 minutes, its workers alive and no
+    batch. Python 3.14 makes forkserver the default for this reason."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # the server imports torch and PIL once; each worker forks from it
+    return ctx
 
 
 # --------------------------------------------------------------------------------------------------- loader
@@ -348,6 +395,7 @@ class FileLoader:
         n = dataset._workers(workers, len(self))
         self.loader = DataLoader(_Named(dataset), batch_size=self.batch_size, sampler=self.tagged,
                                  collate_fn=dataset.collate, num_workers=n, persistent_workers=n > 0,
+                                 multiprocessing_context=worker_context() if n else None,
                                  pin_memory=pin_memory, drop_last=drop_last,
                                  prefetch_factor=prefetch_factor(n, self.batch_size, dataset.shape) if n else None)
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,60 @@ def test_what_a_streamed_loader_holds_is_bounded_in_bytes_not_images():
     for workers, batch in ((1, 32), (2, 128), (8, 64)):
         held = workers * prefetch_factor(workers, batch, big) * batch * 3 * 224 * 224 * 4 / 2**20
         assert held <= IN_FLIGHT_MB or prefetch_factor(workers, batch, big) == 1
+
+
+def test_a_process_running_other_threads_starts_its_readers_from_a_forkserver(folder, tmp_path, monkeypatch):
+    # A Prefect flow run or a sweep holds threads; a worker forked from such a process can inherit a lock some
+    # thread held at that instant. Workers start from a forkserver: the same batches come back with a lock held
+    # elsewhere, and what the worker is told (the read log, set after the server started) comes from this process.
+    from pipeline import files
+    from pipeline.files import worker_context
+
+    monkeypatch.setattr(files, "SPILL_BYTES", 0)  # the workers get the file lists memory-mapped, as a large set's
+    data = load_data(f"imagefolder:{folder}", (3, 8, 8), num_classes=10, augment=False, memory_mb=0)
+    alone = [(x, y) for x, y in make_loader(data.val, 8, shuffle=False)]
+
+    held, release = threading.Lock(), threading.Event()
+
+    def busy():
+        with held:  # a lock taken in another thread for the whole read, as a flow run's log worker can hold one
+            release.wait(60)
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    try:
+        assert worker_context().get_start_method() == "forkserver"
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # the server's environment is fixed from here on
+        log = tmp_path / "reads"
+        monkeypatch.setenv(READ_LOG_ENV, str(log))
+        threaded = load_data(f"imagefolder:{folder}", (3, 8, 8), num_classes=10, augment=False, memory_mb=0)
+        pairs = zip(alone, make_loader(threaded.val, 8, shuffle=False, num_workers=2), strict=True)
+        for (xa, ya), (xb, yb) in pairs:
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    finally:
+        release.set()
+        thread.join()
+    read = {ln.split(" ", 1)[1] for ln in Path(f"{log}.main").read_text().split("\n") if ln}
+    assert len(read) >= len(data.val)
+
+
+def test_a_large_file_list_reaches_a_worker_memory_mapped_and_its_folder_goes_with_it(folder, monkeypatch):
+    import gc
+    import pickle
+
+    from pipeline import files
+
+    listed = files.list_folder(folder, [f"class{k:02d}" for k in range(10)])
+    assert "_spilled" not in vars(pickle.loads(pickle.dumps(listed)))  # small: pickled whole
+    monkeypatch.setattr(files, "SPILL_BYTES", 0)
+    copy = pickle.loads(pickle.dumps(listed))
+    spilled = Path(vars(listed)["_spilled"])
+    assert sorted(p.name for p in spilled.iterdir()) == ["labels.npy", "names.npy", "paths.npy"]
+    assert isinstance(copy.paths, np.memmap) and copy.offsets is None
+    assert all(np.array_equal(getattr(copy, k), getattr(listed, k)) for k in ("paths", "labels", "names"))
+    assert copy.open(3) == listed.open(3)
+    del listed
+    gc.collect()
+    assert not spilled.exists() and np.array_equal(copy.labels[:5], copy.labels[:5].copy())
