@@ -25,7 +25,7 @@ METHODS ?=
 MAX_DROP ?=
 JOBS ?=
 
-.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained bench-data gpu-check fault-cases compress sweep serve clean distclean
+.PHONY: install test lint bench bench-masks bench-train bench-accuracy bench-extremes bench-structured bench-trained bench-data gpu-check fault-cases timm-zoo bench-vit compress sweep serve clean distclean
 
 install: $(BIN)/.installed
 
@@ -62,12 +62,19 @@ bench-structured: install
 bench-trained: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_trained.py
 
+bench-vit: install
+	$(BIN)/python benchmarks/bench_vit.py
+
 bench-data: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_data.py
 
 # 40 bad inputs and faults through the real CLI: exit code, --json answer, first line, what is left behind
 fault-cases: install
 	$(BIN)/python benchmarks/fault_cases.py
+
+# every timm family (its smallest model) exported three ways and compressed by the CLI: about 1.5 h on two cores
+timm-zoo: install
+	$(BIN)/python benchmarks/timm_zoo.py
 
 # masks, a training epoch and validation of resnet50 at 224 on CUDA over a synthetic folder; skips without a GPU
 gpu-check: install

@@ -18,9 +18,21 @@ PREPROCESSING_FIELDS = ("mean", "std", "preprocessing", "resize", "crop", "inter
 # Iterative SNIP's masks, the best of four methods on a trained resnet18 one-shot and fine-tuned at 90-99% sparsity
 # (benchmarks/bench_trained.py; README "A trained model in").
 RECIPES: dict[str, dict] = {
-    "scratch": {"method": "force", "epochs": 10, "lr": 0.1, "weight_decay": 5e-4},
-    "finetune": {"method": "iter_snip", "epochs": 5, "lr": 0.01, "weight_decay": 5e-5},
+    "scratch": {"method": "force", "epochs": 10, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4},
+    "finetune": {"method": "iter_snip", "epochs": 5, "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-5},
 }
+# Networks with attention (ViT, DeiT, Swin, the hybrids) train with AdamW and decoupled weight decay, as they are
+# trained everywhere: SGD at lr 0.1 left ViT-Tiny at chance on digits at 90% (README "Vision transformers").
+ATTENTION_RECIPES: dict[str, dict] = {
+    "scratch": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05},
+    "finetune": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05},
+}
+
+
+def recipe_values(recipe: str, attention: bool = False) -> dict:
+    """The fields `recipe` sets, for a network with attention or without."""
+    return {**RECIPES[recipe], **(ATTENTION_RECIPES[recipe] if attention else {})}
+
 RECIPE_METHODS = ", ".join(f"{name}: {recipe['method']}" for name, recipe in RECIPES.items())
 FINETUNE_SUMMARY = "iter_snip masks, SGD lr 0.01, cosine, 5 epochs, weight decay 5e-5, calibrated train-time BatchNorm"
 
@@ -93,7 +105,8 @@ class CompressConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="train for this many optimizer steps instead of --epochs "
                                                           "(bounded work for a CI step; the last epoch may be partial)")
     batch_size: int = Field(128, ge=1, description="training batch size")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum) or adamw")
+    optimizer: Literal["sgd", "adamw"] | None = Field(
+        None, description="sgd (momentum) or adamw. Default: the recipe's (sgd; adamw for a network with attention)")
     lr: float | None = Field(None, gt=0.0, description="peak learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float | None = Field(None, ge=0.0, description="weight decay")
@@ -143,9 +156,11 @@ class CompressConfig(BaseModel):
                              f"choose one of {', '.join(sorted(known))}")
         return self
 
-    def with_recipe(self, recipe: str) -> CompressConfig:
-        """This config under `recipe` ("scratch" or "finetune"): the fields no option gave take its values."""
-        update = {k: RECIPES[recipe][k] for k in self._from_recipe}
+    def with_recipe(self, recipe: str, attention: bool = False) -> CompressConfig:
+        """This config under `recipe` ("scratch" or "finetune") for a network with attention or without: the fields
+        no option gave take its values."""
+        values = recipe_values(recipe, attention)
+        update = {k: values[k] for k in self._from_recipe}
         return self.model_copy(update={**update, "recipe": recipe})
 
     def given(self) -> dict:

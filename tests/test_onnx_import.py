@@ -333,6 +333,45 @@ def test_pools_with_asymmetric_pads_match_onnxruntime(case):
     np.testing.assert_allclose(y.numpy(), y_ort, rtol=1e-5, atol=1e-6)
 
 
+SAME_CONVS = {  # (input H, W, kernel, strides, dilations, auto_pad, groups)
+    "same-upper-even-kernel": ((8, 8), [4, 4], [1, 1], [1, 1], "SAME_UPPER", 1),
+    "same-lower-stride-2": ((9, 10), [3, 3], [2, 2], [1, 1], "SAME_LOWER", 1),
+    "same-upper-stride-2-dilated": ((9, 10), [3, 2], [2, 2], [2, 1], "SAME_UPPER", 1),
+    "same-upper-depthwise-9": ((12, 12), [9, 9], [1, 1], [1, 1], "SAME_UPPER", 4),  # timm's convmixer
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_CONVS))
+def test_conv_with_same_auto_pad_imports_with_explicit_pads_matching_onnxruntime(case, tmp_path):
+    (h, w), kernel, strides, dilations, auto_pad, groups = SAME_CONVS[case]
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 4 // groups, *kernel)).astype(np.float32)
+    head = rng.standard_normal((10, 4)).astype(np.float32)
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], kernel_shape=kernel, strides=strides, dilations=dilations,
+                          auto_pad=auto_pad, group=groups),
+             oh.make_node("GlobalAveragePool", ["c"], ["p"]), oh.make_node("Flatten", ["p"], ["f"]),
+             oh.make_node("Gemm", ["f", "head"], ["y"], transB=1)]
+    model = _model(nodes, {"w": weight, "head": head}, ["N", 4, h, w], ["N", 10])
+    src = _save(model, tmp_path / "same.onnx")
+    result = import_onnx(src, tmp_path / "out")  # runs the module on a batch of 2 against onnxruntime
+    assert result.parity_max_rel < 1e-4
+    assert any("auto_pad of 1 Conv node(s) as explicit pads" in c for c in result.changes)
+    conv = next(n for n in onnx.load(result.normalized_path).graph.node if n.op_type == "Conv")
+    assert not any(a.name == "auto_pad" for a in conv.attribute)
+
+
+def test_an_absent_optional_input_written_as_empty_is_dropped(tmp_path):
+    # timm's edgenext normalises with clamp_min: Clip(x, min, "") and onnx2torch looked "" up as a tensor
+    nodes = [oh.make_node("Constant", [], ["lo"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
+             oh.make_node("Clip", ["x", "lo", ""], ["c"]), oh.make_node("Flatten", ["c"], ["f"]),
+             oh.make_node("Gemm", ["f", "head"], ["y"], transB=1)]
+    head = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)
+    src = _save(_model(nodes, {"head": head}, ["N", 1, 4, 4], ["N", 10]), tmp_path / "clip.onnx")
+    result = import_onnx(src, tmp_path / "out")
+    assert result.parity_max_rel < 1e-5
+    assert "dropped the empty trailing (absent optional) inputs of 1 node(s)" in result.changes
+
+
 # --- a fixed batch: only what provably is the batch is rewritten --------------------------------------------------
 def test_fixed_batch_rewrites_the_batch_and_leaves_other_leading_ones(tmp_path):
     """`t_data` reshapes the data (batch-major): its leading 1 is the batch. `t_const` reshapes a constant with the

@@ -190,3 +190,41 @@ def test_a_diverging_training_stops_with_exit_1_and_one_line(raw_trained, tmp_pa
     assert len(errors) == 1 and "training diverged" in errors[0] and "epoch 1 of 2" in errors[0], r.stderr
     assert not (tmp_path / "registry").exists()
     assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))  # the diverged epoch is not kept to resume from
+
+
+class _TinyViT(torch.nn.Module):
+    """Patches, one attention block, a head: what makes a network an attention network to the recipe."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(1, 16, 2, stride=2)
+        self.norm = torch.nn.LayerNorm(16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.norm(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head((t + self.attn(t, t, t, need_weights=False)[0]).mean(1))
+
+
+def test_an_attention_network_trains_with_adamw_unless_told_otherwise(tmp_path, tiny_at_init):
+    from stages.onnx_convert.model_checks import has_attention
+
+    torch.manual_seed(0)
+    vit = tmp_path / "vit.onnx"
+    torch.onnx.export(_TinyViT().eval(), (torch.zeros(1, 1, 8, 8),), str(vit), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    assert has_attention(onnx.load(str(vit))) and not has_attention(onnx.load(str(tiny_at_init)))
+    seen = {}
+    for name, model, extra in (("vit", vit, []), ("cnn", tiny_at_init, []), ("told", vit, ["--optimizer", "sgd"])):
+        r = CliRunner().invoke(main, ["compress", str(model), "--sparsity", "0.5", "--epochs", "1", "--max-steps", "1",
+                                      "--min-accuracy", "0", "--runs-dir", str(tmp_path / "runs"), "--registry",
+                                      str(tmp_path / "reg"), "--name", name, *extra, *FAST])
+        assert r.exit_code == 0, r.output[-2000:]
+        s = json.loads(r.stdout)
+        config = json.loads((Path(s["run_dir"]) / "config.json").read_text())
+        seen[name] = (config["optimizer"], config["lr"], config["weight_decay"], s["recipe"])
+    assert seen["vit"][:3] == ("adamw", 1e-3, 0.05) and "attention (a MatMul of two activations): adamw lr 0.001" \
+        in seen["vit"][3]
+    assert seen["cnn"][:3] == ("sgd", 0.1, 5e-4) and "attention" not in seen["cnn"][3]
+    assert seen["told"][:3] == ("sgd", 1e-3, 0.05)  # --optimizer given wins; the rest is still the recipe's

@@ -87,3 +87,13 @@ def softmax_warning(kind: str) -> str:
         "nll_loss on it directly"
     return (f"warning: the model's output is a softmax (its last node is {op}), not logits: training uses {loss} "
             "instead of cross-entropy on it; export the logits for a cleaner gradient")
+
+
+def has_attention(model: onnx.ModelProto) -> bool:
+    """Whether the network multiplies two activations (a MatMul neither of whose inputs is a weight: queries times
+    keys, attention times values): ViTs, Swin and the hybrids, which train with AdamW where a convnet takes SGD."""
+    weights = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:  # topological order: what weights alone compute (a transposed weight) is a weight
+        if all(i in weights or not i for i in n.input):
+            weights.update(n.output)
+    return any(n.op_type == "MatMul" and not weights.intersection(n.input) for n in model.graph.node)

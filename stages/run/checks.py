@@ -18,7 +18,7 @@ from pipeline.errors import NetworkCutError
 from pipeline.preprocessing import resolve
 from stages import compute_masks, cut_channels, import_onnx
 from stages.onnx_convert import runtime
-from stages.onnx_convert.model_checks import check_finite_weights
+from stages.onnx_convert.model_checks import check_finite_weights, has_attention
 from stages.onnx_convert.model_io import load_checked, model_bytes
 from stages.onnx_convert.scoring import accuracy, classifier_io
 from stages.publish import check_registry
@@ -48,11 +48,12 @@ class Request:
     input_top5: float | None = None
     recipe: str = "scratch"  # the training recipe the run uses (`recipe_for`)
     recipe_reason: str = ""
+    attention: bool = False  # the network multiplies activations: its recipe trains with AdamW
 
     def settle(self, config: CompressConfig) -> CompressConfig:
         """`config` as this request runs it: under its recipe, and with the input's top-1 as the baseline of
         --max-drop when none is given."""
-        config = config.with_recipe(self.recipe)
+        config = config.with_recipe(self.recipe, self.attention)
         if config.max_drop is None or config.baseline_accuracy is not None or self.input_top1 is None:
             return config
         return config.model_copy(update={"baseline_accuracy": self.input_top1})
@@ -87,18 +88,24 @@ def finetune_threshold(num_classes: int) -> float:
     return min(3.0 * chance, chance + 0.5 * (1.0 - chance))
 
 
-def recipe_for(config: CompressConfig, top1: float, num_classes: int) -> tuple[str, str]:
-    """(recipe, one line saying why): `--recipe auto` fine-tunes an input that scores well above chance."""
+def recipe_for(config: CompressConfig, top1: float, num_classes: int, attention: bool = False) -> tuple[str, str]:
+    """(recipe, one line saying why): `--recipe auto` fine-tunes an input that scores well above chance; a network
+    with attention trains with AdamW (said on the line)."""
+    optimizer = ""
+    if attention:
+        run = config.with_recipe("finetune" if config.recipe == "finetune" else "scratch", attention)
+        optimizer = f"; attention (a MatMul of two activations): {run.optimizer} lr {run.lr:g}"
     if config.recipe != "auto":
-        return config.recipe, f"recipe: {config.recipe} (--recipe)"
+        return config.recipe, f"recipe: {config.recipe} (--recipe{optimizer})"
     threshold, chance = finetune_threshold(num_classes), 1.0 / max(num_classes, 1)
     if top1 >= threshold:
-        run = config.with_recipe("finetune")
+        run = config.with_recipe("finetune", attention)
         return "finetune", (f"recipe: finetune (auto: the input scores {top1:.4f}, at least {threshold:.3f} with "
-                            f"chance at {chance:.3f}: trained weights, fine-tuned: {run.method} masks, lr {run.lr:g}, "
-                            f"{run.epochs} epoch(s); --recipe scratch for the from-initialization recipe)")
+                            f"chance at {chance:.3f}: trained weights, fine-tuned: {run.method} masks, "
+                            f"{run.optimizer} lr {run.lr:g}, {run.epochs} epoch(s); --recipe scratch for the "
+                            "from-initialization recipe)")
     return "scratch", (f"recipe: scratch (auto: the input scores {top1:.4f}, under {threshold:.3f} with chance at "
-                       f"{chance:.3f}: it looks untrained)")
+                       f"{chance:.3f}: it looks untrained{optimizer})")
 
 
 def run_fingerprint(config: CompressConfig, stages=RUN_DIR_STAGES) -> dict:
@@ -131,8 +138,10 @@ def check_request(config: CompressConfig) -> Request:
     data = replace(data, normalization=prep.normalization, geometry_from=prep.geometry_from)
     source_sha = sha256_file(config.model)
     top1, top5 = accuracy(runtime.session(config.model, device=resolve_device(config.device)), data.val)
-    recipe, why = recipe_for(config, top1, num_classes)
-    request = Request(str(config.model), source_sha, input_shape, num_classes, "", data, top1, top5, recipe, why)
+    attention = has_attention(model)
+    recipe, why = recipe_for(config, top1, num_classes, attention)
+    request = Request(str(config.model), source_sha, input_shape, num_classes, "", data, top1, top5, recipe, why,
+                      attention)
     run_dir = run_dir_for(config.runs_dir, source_sha, run_fingerprint(request.settle(config)))
     return replace(request, run_dir=str(run_dir))
 

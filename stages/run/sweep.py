@@ -115,7 +115,7 @@ BASELINE_STAGES = (import_onnx.STAGE, sparse_train.STAGE)
 
 def baseline_run_dir(config: CompressConfig, request: Request) -> Path:
     """Keyed on the model and the fields of import and training: every sweep with the same recipe shares it."""
-    config = config.with_recipe(request.recipe)
+    config = config.with_recipe(request.recipe, request.attention)
     return run_dir_for(config.runs_dir, request.source_sha256, {"dense": run_fingerprint(config, BASELINE_STAGES)})
 
 
@@ -124,7 +124,7 @@ def train_baseline(config: CompressConfig, request: Request, run_stage: RunStage
     """Train the dense network with `config`'s training recipe (the cells' budget) in its own cached run directory;
     its held-out top-1 (torch, the split validation scores) is the baseline."""
     run_dir = baseline_run_dir(config, request)
-    config = config.with_recipe(request.recipe)
+    config = config.with_recipe(request.recipe, request.attention)
     run_dir.mkdir(parents=True, exist_ok=True)
     step = Runner(config.model_copy(update={"cut_check": False}), run_stage, str(run_dir), on_reused)
     trained = train_steps(step, request, masks_stage=DENSE_MASKS, cut=False).trained
