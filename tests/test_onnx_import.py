@@ -115,6 +115,11 @@ OPSET_CASES = {
                   {"sc": np.asarray([1, 1, 2, 2], np.float32)}, ["N", 4, 12, 12]),
     "AveragePool-19": ([oh.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])], {},
                        ["N", 4, 3, 3]),
+    "Size-21": ([oh.make_node("Size", ["x"], ["s"]), oh.make_node("Cast", ["s"], ["c"], to=1),
+                 oh.make_node("Div", ["x", "c"], ["y"])], {}, ["N", 4, 6, 6]),
+    "OneHot-11": ([oh.make_node("OneHot", ["i", "d", "v"], ["h"], axis=1), oh.make_node("Mul", ["x", "h"], ["y"])],
+                  {"i": np.asarray([[0, -1, 2, 5, 7, -7]] * 4, np.int64), "d": _i64(6),
+                   "v": np.asarray([0.5, 2.0], np.float32)}, ["N", 4, 6, 6]),  # -1 the last class; 7, -7: all off
 }
 
 

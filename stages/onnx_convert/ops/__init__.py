@@ -15,6 +15,7 @@ from stages.onnx_convert.ops import (  # noqa: F401
     reduce,
     reshape,
     resize,
+    size,
     split,
     type_only,
 )
