@@ -61,10 +61,16 @@ def main() -> int:
                 s = json.loads(r.stdout)
                 report = json.loads((Path(s["run_dir"]) / "report.json").read_text())
                 rows.append({"model": label, "timm": name, "sparsity": sparsity, "top1": s["top1"],
-                             "file_sparsity": report["sparsity"], "effective_density": report["effective_density"],
-                             "recipe": s["recipe"], "epochs": EPOCHS})
+                             "file_sparsity": report["sparsity"]["sparsity"],
+                             "effective_density": report["effective_density"], "recipe": s["recipe"],
+                             "epochs": EPOCHS})
                 print(json.dumps(rows[-1]), flush=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    table(rows, out)
+    return 0
+
+
+def table(rows: list[dict], out: Path) -> None:
     lines = ["| model | sparsity | held-out top-1 | sparsity in the file | effective density |",
              "| --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -75,7 +81,6 @@ def main() -> int:
                          f"{r['effective_density']:.4f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -377,6 +377,18 @@ def test_an_absent_optional_input_written_as_empty_is_dropped(tmp_path):
     assert "dropped the empty trailing (absent optional) inputs of 1 node(s)" in result.changes
 
 
+def test_a_clip_with_only_a_maximum_gets_minus_infinity_as_its_minimum(tmp_path):
+    # swinv2 clamps its logit scale from above only: Clip(x, "", max)
+    nodes = [oh.make_node("Clip", ["x", "", "hi"], ["c"]), oh.make_node("Flatten", ["c"], ["f"]),
+             oh.make_node("Gemm", ["f", "head"], ["y"], transB=1)]
+    head = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)
+    src = _save(_model(nodes, {"head": head, "hi": np.array(0.25, np.float32)}, ["N", 1, 4, 4], ["N", 10]),
+                tmp_path / "clip.onnx")
+    result = import_onnx(src, tmp_path / "out")
+    assert result.parity_max_rel < 1e-5
+    assert "gave 1 Clip node(s) with only a maximum the minimum -inf" in result.changes
+
+
 # --- a fixed batch: only what provably is the batch is rewritten --------------------------------------------------
 def test_fixed_batch_rewrites_the_batch_and_leaves_other_leading_ones(tmp_path):
     """`t_data` reshapes the data (batch-major): its leading 1 is the batch. `t_const` reshapes a constant with the

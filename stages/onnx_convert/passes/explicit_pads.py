@@ -4,16 +4,18 @@
   for. With stride 1 the pads follow from the kernel alone; with a larger stride, from the input's spatial size
   (shape inference). A node whose size is not known keeps its auto_pad, and the import names it.
 - Trailing empty inputs (an absent optional input written as "": `Clip(x, min, "")` from timm's edgenext) are
-  dropped; onnx2torch looks "" up as a tensor."""
+  dropped; onnx2torch looks "" up as a tensor. A Clip with only a maximum (`Clip(x, "", max)`, swinv2's logit
+  scale) gets -inf as its minimum, which is what an absent one means."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from stages.onnx_convert.passes._graph import initializer_map
+from stages.onnx_convert.passes._graph import add_initializer, initializer_map
 
 _PADDED = frozenset({"Conv"})  # pools take SAME in their own converter (ops/pool.py)
 _SAME = (b"SAME_UPPER", b"SAME_LOWER")
@@ -76,8 +78,20 @@ def _drop_trailing_empty_inputs(graph: onnx.GraphProto) -> int:
     return done
 
 
+def _clip_minimum(model: onnx.ModelProto) -> int:
+    clips = [n for n in model.graph.node if n.op_type == "Clip" and len(n.input) == 3 and not n.input[1]
+             and n.input[2]]
+    for k, node in enumerate(clips):
+        name = f"{node.name or node.output[0]}/absent_min_{k}"
+        add_initializer(model, numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), name))
+        node.input[1] = name
+    return len(clips)
+
+
 def run(model: onnx.ModelProto) -> list[str]:
     changes = []
+    if n := _clip_minimum(model):
+        changes.append(f"gave {n} Clip node(s) with only a maximum the minimum -inf")
     if n := _explicit_pads(model):
         changes.append(f"wrote the SAME auto_pad of {n} Conv node(s) as explicit pads")
     if n := _drop_trailing_empty_inputs(model.graph):
