@@ -159,9 +159,10 @@ def run_case(name: str, form: str, work: Path) -> dict:
         summary = json.loads(r.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         summary = {}
-    outcome = {0: "compressed", 1: "compressed", 2: "refused"}.get(r.returncode, f"exit {r.returncode}")
+    # exit 1 with no gate (--min-accuracy 0): the masks cut the network, training diverged, or parity failed
+    outcome = {0: "compressed", 1: "stopped", 2: "refused"}.get(r.returncode, f"exit {r.returncode}")
     record = {"outcome": outcome, "exit_code": r.returncode, "size": size, "seconds": round(time.time() - t1, 1)}
-    if r.returncode in (0, 1):
+    if r.returncode == 0:
         record["sparsity"] = summary.get("sparsity")
     else:
         record["why"] = (summary.get("message") or (r.stderr.strip().splitlines() or ["?"])[-1])[:240]
@@ -170,6 +171,7 @@ def run_case(name: str, form: str, work: Path) -> dict:
 
 def _exception_line(stderr: str) -> str:
     """The exporter's own complaint: the last line that names an exception, else the last line."""
+    stderr = re.sub(r"\x1b\[[0-9;]*m", "", stderr)  # the dynamo exporter colours its messages
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()] or ["?"]
     named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Unsupported\w*):", ln)]
     return (named or lines)[-1][:200]
@@ -193,10 +195,12 @@ def table(results: dict) -> str:
         cases = [r["forms"][form] for r in results.values() if form in r["forms"]]
         made = [c for c in cases if c["outcome"] != "no file"]
         ok = sum(c["outcome"] == "compressed" for c in made)
-        internal = sum(c["outcome"] not in ("compressed", "refused") for c in made)
-        counts.append(f"{form}: {ok}/{len(made)} compressed ({ok / max(len(made), 1):.0%}), "
-                      f"{len(made) - ok - internal} refused, {internal} internal error or timeout, "
-                      f"{len(cases) - len(made)} not exported")
+        refused = sum(c["outcome"] == "refused" for c in made)
+        stopped = sum(c["outcome"] == "stopped" for c in made)
+        internal = len(made) - ok - refused - stopped
+        counts.append(f"{form}: {ok}/{len(made)} compressed ({ok / max(len(made), 1):.0%}), {refused} refused "
+                      f"(exit 2), {stopped} stopped (exit 1), {internal} internal error, killed or timed out, "
+                      f"{len(cases) - len(made)} not exported by torch")
     return "\n".join(rows) + "\n\n" + "\n".join(f"- {c}" for c in counts) + "\n"
 
 

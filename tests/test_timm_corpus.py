@@ -78,7 +78,7 @@ def test_every_timm_family_compresses_from_every_export_form(tmp_path):
     results = json.loads((tmp_path / "zoo.json").read_text())
     for form in ("torchscript", "dynamo", "onnxslim"):
         made = {f: e["forms"][form] for f, e in results.items() if e["forms"][form]["outcome"] != "no file"}
-        internal = {f: c for f, c in made.items() if c["outcome"] not in ("compressed", "refused")}
+        internal = {f: c for f, c in made.items() if c["outcome"] not in ("compressed", "refused", "stopped")}
         compressed = sum(c["outcome"] == "compressed" for c in made.values())
         assert not internal, (form, internal)
         assert compressed >= 0.95 * len(made), (form, compressed, len(made))
