@@ -15,7 +15,7 @@ from stages.onnx_convert.ops import (  # noqa: F401
     reduce,
     reshape,
     resize,
-    size,
+    size_one_hot,
     split,
     type_only,
 )

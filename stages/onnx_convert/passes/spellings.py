@@ -1,4 +1,4 @@
-"""Two ways of writing a node that mean the same and that onnx2torch converts one way only.
+"""Nodes written in a way that means the same as one onnx2torch converts, rewritten to that one.
 
 - `auto_pad` SAME_UPPER / SAME_LOWER (timm's convmixer, Keras and TF exports) becomes the explicit `pads` it stands
   for. With stride 1 the pads follow from the kernel alone; with a larger stride, from the input's spatial size
