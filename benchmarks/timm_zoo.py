@@ -33,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 EXE = Path(sys.executable).parent / "force-compress"
 FORMS = ("torchscript", "dynamo", "onnxslim")
+CHANNEL = "channel"  # the channel cut at 50% of the TorchScript file: the coverage column, CNN families only
+# families with no attention that are not convolutional networks either (token-mixing MLPs, an LSTM)
+NOT_CNN = ("mixer", "resmlp", "mlp_mixer", "sequencer")
 SIZE = 64
 CASE_TIMEOUT_S = 600
 ONE_CORE = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # --jobs cases share the cores
@@ -58,6 +61,7 @@ NOT_CLASSIFIERS = ("deepseek_vit", "gemma4_vit", "qwen3_vit")
 CLI = ["--sparsity", "0.9", "--method", "force", "--epochs", "1", "--max-steps", "2", "--steps", "2",
        "--mask-batch-size", "32", "--batch-size", "32", "--min-accuracy", "0", "--val-images", "64", "--no-prefect",
        "--json"]
+CHANNEL_CLI = [*CLI[2:], "--sparsity", "0.5", "--structure", "channel"]
 
 
 def _params_on_meta(name: str) -> int | None:
@@ -139,8 +143,9 @@ def export(name: str, form: str, path: Path) -> int:
 def run_case(name: str, form: str, work: Path) -> dict:
     model = work / f"{name}.{form}.onnx"
     t0 = time.time()
+    exporter = "torchscript" if form == CHANNEL else form
     try:
-        r = subprocess.run([sys.executable, __file__, "--export", name, form, str(model)], capture_output=True,
+        r = subprocess.run([sys.executable, __file__, "--export", name, exporter, str(model)], capture_output=True,
                            text=True, timeout=CASE_TIMEOUT_S, env=ONE_CORE)
     except subprocess.TimeoutExpired:
         return {"outcome": "no file", "why": f"the export ran past {CASE_TIMEOUT_S} s", "seconds": CASE_TIMEOUT_S}
@@ -149,7 +154,8 @@ def run_case(name: str, form: str, work: Path) -> dict:
     size = int(r.stdout.strip().splitlines()[-1])
     t1 = time.time()
     args = [str(EXE), "compress", str(model), "--data", "digits", "--runs-dir", str(work / "runs"), "--registry",
-            str(work / "registry"), "--name", f"{name}-{form}".replace("_", "-"), *CLI]
+            str(work / "registry"), "--name", f"{name}-{form}".replace("_", "-"),
+            *(CHANNEL_CLI if form == CHANNEL else CLI)]
     try:
         r = subprocess.run(args, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, cwd=work,
                            env=ONE_CORE)
@@ -162,8 +168,20 @@ def run_case(name: str, form: str, work: Path) -> dict:
     # exit 1 with no gate (--min-accuracy 0): the masks cut the network, training diverged, or parity failed
     outcome = {0: "compressed", 1: "stopped", 2: "refused"}.get(r.returncode, f"exit {r.returncode}")
     record = {"outcome": outcome, "exit_code": r.returncode, "size": size, "seconds": round(time.time() - t1, 1)}
+    if form == CHANNEL:
+        import onnx
+
+        from stages.onnx_convert.model_checks import has_attention
+
+        record["attention"] = has_attention(onnx.load(str(model), load_external_data=False))
     if r.returncode == 0:
         record["sparsity"] = summary.get("sparsity")
+        if form == CHANNEL:
+            costs = summary.get("costs") or {}
+            before, after = costs.get("input") or {}, costs.get("exported") or {}
+            record["params_ratio"] = after.get("params", 0) / max(before.get("params", 1), 1)
+            record["macs_ratio"] = after.get("macs", 0) / max(before.get("macs", 1), 1)
+            record["latency_ratio_b1"] = ((summary.get("latency_ms") or {}).get("ratio") or {}).get("median")
     else:
         record["why"] = (summary.get("message") or (r.stderr.strip().splitlines() or ["?"])[-1])[:240]
     return record
@@ -193,6 +211,8 @@ def table(results: dict) -> str:
     counts = []
     for form in FORMS:
         cases = [r["forms"][form] for r in results.values() if form in r["forms"]]
+        if not cases:
+            continue
         made = [c for c in cases if c["outcome"] != "no file"]
         ok = sum(c["outcome"] == "compressed" for c in made)
         refused = sum(c["outcome"] == "refused" for c in made)
@@ -201,7 +221,27 @@ def table(results: dict) -> str:
         counts.append(f"{form}: {ok}/{len(made)} compressed ({ok / max(len(made), 1):.0%}), {refused} refused "
                       f"(exit 2), {stopped} stopped (exit 1), {internal} internal error, killed or timed out, "
                       f"{len(cases) - len(made)} not exported by torch")
-    return "\n".join(rows) + "\n\n" + "\n".join(f"- {c}" for c in counts) + "\n"
+    return "\n".join(rows) + "\n\n" + "\n".join(f"- {c}" for c in counts) + "\n" + coverage(results)
+
+
+def coverage(results: dict) -> str:
+    """The channel column: for each convolutional family (no attention, not an MLP), cut at 50% or why not, with
+    what the cut model costs against the input (parameters, MACs per image, onnxruntime latency at batch 1)."""
+    cnn = {f: r["forms"][CHANNEL] for f, r in results.items()
+           if CHANNEL in r["forms"] and r["forms"][CHANNEL]["outcome"] != "no file"
+           and not r["forms"][CHANNEL].get("attention") and f not in NOT_CNN}
+    if not cnn:
+        return ""
+    rows = ["", "Channel cut, 50% of the weights (FORCE, channel structure), convolutional families:", "",
+            "| family | model | outcome | params | MACs | latency, batch 1 |", "| --- | --- | --- | --- | --- | --- |"]
+    for family, c in cnn.items():
+        ratios = [f"{c[k]:.2f}x" if c.get(k) is not None else "" for k in ("params_ratio", "macs_ratio",
+                                                                            "latency_ratio_b1")]
+        outcome = "cut" if c["outcome"] == "compressed" else f"{c['outcome']}: {c.get('why', '')[:120]}"
+        rows.append(f"| {family} | {results[family]['model']} | {outcome} | " + " | ".join(ratios) + " |")
+    cut = sum(c["outcome"] == "compressed" for c in cnn.values())
+    rows += ["", f"- channel: {cut}/{len(cnn)} convolutional families cut ({cut / len(cnn):.0%})"]
+    return "\n".join(rows) + "\n"
 
 
 def main() -> int:

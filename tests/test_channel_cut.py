@@ -31,6 +31,8 @@ CASES = {
     "densenet121": ("densenet121", "torchscript"),  # Concat
     "squeezenet1_0": ("squeezenet1_0", "torchscript"),  # Concat, classifier is a Conv
     "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", "torchscript"),  # channel shuffle: blocked by name
+    "resnext50_32x4d": ("resnext50_32x4d", "torchscript"),  # grouped 3x3 convolutions, 32 groups
+    "regnet_y_400mf": ("regnet_y_400mf", "torchscript"),  # grouped convolutions with SE between them
 }
 
 
@@ -168,7 +170,7 @@ def test_expected_blocked_nodes(exported):
     """Coverage guard: residuals, depthwise, SE, Concat and Flatten/Reshape into Gemm are all understood; only
     the input, the classifier head and ShuffleNet's channel shuffles are blocked."""
     for case in ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_small_dynamo", "densenet121",
-                 "squeezenet1_0"):
+                 "squeezenet1_0", "resnext50_32x4d", "regnet_y_400mf"):
         analysis = analyze_channels(exported(case))
         assert len(analysis.blocked) == 2, f"{case}:\n{analysis.describe()}"
         assert {b.reason.split(" '")[0] for b in analysis.blocked} == {
@@ -220,6 +222,38 @@ def test_structures_are_grouped_as_the_architecture_says(exported):
     later = next(g for g in dense.groups if g.producers[0].endswith("denseblock1/denselayer2/conv2/Conv"))
     assert [s.offset for s in later.slices if s.kind == "weight" and s.axis == 1] == [96] * 5
     assert {s.kind for s in dense.groups[0].slices} == {"weight", "param", "stat"}
+
+
+@pytest.mark.parametrize("case", ["resnext50_32x4d", "regnet_y_400mf"])
+def test_a_grouped_convolution_prunes_the_same_channels_in_every_group(case, exported):
+    model = exported(case)
+    analysis = analyze_channels(model)
+    grouped = [n for n in model.graph.node if n.op_type == "Conv"
+               and 1 < next((a.i for a in n.attribute if a.name == "group"), 1) < _in_channels(model, n)]
+    assert grouped
+    for node in grouped:
+        groups = next(a.i for a in node.attribute if a.name == "group")
+        rows = [(g, s) for g in analysis.groups for s in g.slices if s.initializer == node.input[1] and s.axis == 0]
+        assert len(rows) == groups and len({g.name for g, _ in rows}) == 1  # one set, a run in every group
+        size = rows[0][0].size
+        assert sorted(s.offset for _, s in rows) == [k * size for k in range(groups)]
+        columns = [(g, s) for g in analysis.groups for s in g.slices if s.initializer == node.input[1] and s.axis == 1]
+        per_group = next(t for t in model.graph.initializer if t.name == node.input[1]).dims[1]
+        assert [(g.size, s.offset) for g, s in columns] == [(per_group, 0)]  # its input, split alike in every group
+    keep = _random_keep(analysis, density=0.5)
+    cut, rel = _check_cut(model, analysis, keep)
+    assert rel < TOL
+    for node in grouped:  # the group count stands, each group smaller
+        before = next(t for t in model.graph.initializer if t.name == node.input[1]).dims
+        after = next(t for t in cut.graph.initializer if t.name == node.input[1]).dims
+        assert after[0] < before[0] and after[1] < before[1]
+        assert next(a.i for a in next(n for n in cut.graph.node if n.name == node.name).attribute
+                    if a.name == "group") == next(a.i for a in node.attribute if a.name == "group")
+
+
+def _in_channels(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    dims = next(t for t in model.graph.initializer if t.name == node.input[1]).dims
+    return dims[1] * next(a.i for a in node.attribute if a.name == "group")
 
 
 def test_wrong_cut_is_caught_by_the_parity_check(exported):
@@ -409,8 +443,9 @@ def test_tied_weight_ties_its_channels():
     assert rel < TOL
 
 
-def test_residual_of_concat_and_single_tensor_is_blocked():
-    """Adding a Concat of two groups to one conv's output would need the conv's channels split: blocked."""
+def test_residual_of_concat_and_single_tensor_splits_the_single_tensor():
+    """Adding a Concat of two groups to one conv's output splits the conv's channels into two runs of the same
+    channels (as a grouped Conv's input): channel j of `a`, of `b`, and channels j and j+4 of `c` go together."""
     nodes = [oh.make_node("Conv", ["x", "wa"], ["a"], name="a"), oh.make_node("Conv", ["x", "wb"], ["b"], name="b"),
              oh.make_node("Concat", ["a", "b"], ["ab"], name="cat", axis=1),
              oh.make_node("Conv", ["x", "wc"], ["c"], name="c"), oh.make_node("Add", ["ab", "c"], ["s"], name="add"),
@@ -418,6 +453,11 @@ def test_residual_of_concat_and_single_tensor_is_blocked():
     model = _model(nodes, {"wa": _w(4, 3, 1, 1), "wb": _w(4, 3, 1, 1), "wc": _w(8, 3, 1, 1), "wd": _w(6, 8, 1, 1),
                            "fc": _w(10, 6), "fc_b": _w(10)})
     analysis = analyze_channels(model)
-    assert [g.producers for g in analysis.groups] == [("d",)]
-    assert any(b.node == "add" for b in analysis.blocked)
-    assert _check_cut(model, analysis, _random_keep(analysis))[1] < TOL
+    assert [(g.producers, g.size) for g in analysis.groups] == [(("a", "b", "c"), 4), (("d",), 6)]
+    rows = sorted((s.initializer, s.offset) for s in analysis.groups[0].slices if s.axis == 0)
+    assert rows == [("wa", 0), ("wb", 0), ("wc", 0), ("wc", 4)]
+    assert not any(b.node == "add" for b in analysis.blocked)
+    keep = _random_keep(analysis)
+    cut, rel = _check_cut(model, analysis, keep)
+    assert rel < TOL
+    assert next(t for t in cut.graph.initializer if t.name == "wc").dims[0] == 2 * keep[analysis.groups[0].name].sum()

@@ -15,6 +15,7 @@ from onnx_corpus import IR_VERSION, build
 from pipeline.errors import InvalidModelError, UnsupportedOperatorError
 from stages.import_onnx import import_onnx
 from stages.onnx_convert import runtime
+from stages.onnx_convert.sparsity import file_sparsity
 from stages.onnx_convert.to_torch import load_module, to_torch
 
 
@@ -439,3 +440,23 @@ def test_fixed_batch_is_followed_through_a_target_read_with_shape_and_gather(tmp
              "w": rng.normal(size=(16, 8)).astype(np.float32), "t_out": _i64(1, 2, 4)}
     r = import_onnx(_save(_model(nodes, inits, [1, 4, 2, 2], [1, 2, 4]), tmp_path / "ts.onnx"), tmp_path / "out")
     assert any("1 Reshape targets: out" in c for c in r.changes), r.changes
+
+
+def test_a_constant_table_times_a_weight_keeps_the_table_fixed_and_prunes_only_the_weight(tmp_path):
+    # swinv2's continuous position bias: a fixed coordinate table (a Constant) through a Linear, MatMul(table, W)
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((16, 2)).astype(np.float32))
+    nodes = [oh.make_node("Constant", [], ["table"], value=table), oh.make_node("MatMul", ["table", "w_cpb"], ["t"]),
+             oh.make_node("Flatten", ["x"], ["f"]), oh.make_node("MatMul", ["f", "t"], ["h"]),
+             oh.make_node("Gemm", ["h", "head"], ["y"], transB=1)]
+    inits = {"w_cpb": rng.standard_normal((2, 8)).astype(np.float32),
+             "head": rng.standard_normal((10, 8)).astype(np.float32)}
+    src = _save(_model(nodes, inits, ["N", 1, 4, 4], ["N", 10]), tmp_path / "cpb.onnx")
+    result = import_onnx(src, tmp_path / "out")
+    assert result.parity_max_rel < 1e-5
+    module, pmap = load_module(result.normalized_path)
+    assert sorted(pmap.prunable_initializers) == ["head", "w_cpb"]
+    assert result.n_prunable == 2
+    table_entry = next(e for e in pmap.entries.values() if e.initializer not in ("head", "w_cpb"))
+    assert table_entry.kind == "buffer"  # a constant of the model: neither pruned nor trained
+    assert sorted(layer.name for layer in file_sparsity(onnx.load(result.normalized_path)).layers) == ["head", "w_cpb"]

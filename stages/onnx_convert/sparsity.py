@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from stages.onnx_convert.passes._graph import FLOAT_TYPES, WEIGHT_INPUTS
+from stages.onnx_convert.passes._graph import FLOAT_TYPES, weight_index
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,13 @@ def file_sparsity(model: onnx.ModelProto, base_dir: str | os.PathLike = "") -> F
             params_total += numel
             params_zeros += zeros
         for node in graph.node:
-            for idx in WEIGHT_INPUTS.get(node.op_type, ()):
-                if idx < len(node.input) and node.input[idx] in tensors and node.input[idx] not in seen:
-                    name = node.input[idx]
-                    seen.add(name)
-                    shape, numel, zeros = tensors[name]
-                    if len(shape) >= 2:  # a 1-D operand is a bias-like vector, not a weight matrix
-                        layers.append(LayerSparsity(name, node.op_type, shape, numel, zeros))
-                    break
+            idx = weight_index(node, tensors)
+            if idx is not None and node.input[idx] not in seen:
+                name = node.input[idx]
+                seen.add(name)
+                shape, numel, zeros = tensors[name]
+                if len(shape) >= 2:  # a 1-D operand is a bias-like vector, not a weight matrix
+                    layers.append(LayerSparsity(name, node.op_type, shape, numel, zeros))
     return FileSparsity(
         layers=tuple(layers),
         prunable_total=sum(l.numel for l in layers),

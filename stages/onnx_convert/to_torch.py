@@ -29,11 +29,12 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 import stages.onnx_convert.ops  # noqa: F401  (registers the converters for newer opsets)
 from pipeline.errors import UnsupportedOperatorError
 from stages.onnx_convert.param_map import ParamEntry, ParamMap
-from stages.onnx_convert.passes._graph import FLOAT_TYPES, PRUNABLE_SLOTS, fresh_name
+from stages.onnx_convert.passes._graph import FLOAT_TYPES, fresh_name, weight_index
 
-# container operands that are trained (op type -> input indices; None = all)
+# container operands that are trained (op type -> input indices; None = all). A Gemm's or MatMul's left operand
+# trains when it is the weight (weight_index); beside a constant right operand it is a constant of the model.
 _TRAINABLE_OPERANDS: dict[str, tuple[int, ...] | None] = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
     "Add": None, "Sub": None, "Mul": None, "Div": (0,), "Concat": None, "Where": (1, 2),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
     "Einsum": None,
@@ -177,6 +178,7 @@ def _attr_name(initializer: str, taken: set[str]) -> str:
 
 def _make_trainable(gm: fx.GraphModule, model: onnx.ModelProto) -> ParamMap:
     inits = {t.name: t for t in model.graph.initializer}
+    weights = {node.input[k] for node in model.graph.node if (k := weight_index(node, inits)) is not None}
     onodes = OnnxGraph(model.graph).nodes
     modules = dict(gm.named_modules())
 
@@ -214,8 +216,7 @@ def _make_trainable(gm: fx.GraphModule, model: onnx.ModelProto) -> ParamMap:
             raise UnsupportedOperatorError(
                 f"initializer '{init}' is used by {len(slots)} nodes in different layouts (transposed/scaled "
                 "Gemm and plain); export the model without sharing it")
-        prunable = is_float and len(tp.dims) >= 2 and any(
-            (s.op_type, s.index) in PRUNABLE_SLOTS and s.role in ("weight", "") for s in slots)
+        prunable = is_float and len(tp.dims) >= 2 and init in weights
         stats = any(s.role in ("running_mean", "running_var") for s in slots)
         trainable = is_float and not stats and (prunable or any(
             s.role in ("weight", "bias") or (

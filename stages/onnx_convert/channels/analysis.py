@@ -143,12 +143,12 @@ def _finish(b: ChannelBuilder) -> Plan:
         return tuple((names.get(find(s.set)), s.size, s.block) for s in lay.segs)
 
     tensor_groups = {}
-    for name, lay in b.layouts.items():
-        g = tuple(dict.fromkeys(n for n, _, _ in seg_names(lay) if n is not None))
+    for name in b.layouts:
+        g = tuple(dict.fromkeys(n for n, _, _ in seg_names(b.layout(name)) if n is not None))
         if g:
             tensor_groups[name] = g
-    reshapes = tuple(ReshapeFix(k, pos, seg_names(lay)) for k, pos, lay in b.reshapes
-                     if any(n is not None for n, _, _ in seg_names(lay)))
+    reshapes = tuple(ReshapeFix(k, pos, seg_names(b.current(lay))) for k, pos, lay in b.reshapes
+                     if any(n is not None for n, _, _ in seg_names(b.current(lay))))
     group_fixes = tuple(f for f in b.group_fixes
                         if any(s.initializer == f.weight and s.axis == 0 for g in groups for s in g.slices))
     return Plan(ChannelAnalysis(tuple(groups), tuple(b.blocked)), tensor_groups, reshapes, group_fixes)

@@ -8,8 +8,10 @@ Imports onnx and numpy only; never torch, force_core, flows, prefect or click.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -54,12 +56,27 @@ class ChannelBuilder:
         self.blocked: list[Blocked] = []
         self.reshapes: list[tuple[int, int, ChannelLayout]] = []
         self.group_fixes: list[GroupFix] = []
+        self.splits: dict[int, tuple[int, int]] = {}  # set -> (the set of its 1/k channels, k): see split_set
         self.index = -1  # the node being handled
         self._const_cache: dict[str, np.ndarray | None] = {}
 
     # --- facts about tensors ----------------------------------------------------------------------------------
     def layout(self, name: str) -> ChannelLayout | None:
-        return self.layouts.get(name) if name else None
+        lay = self.layouts.get(name) if name else None
+        return None if lay is None else self.current(lay)
+
+    def current(self, layout: ChannelLayout) -> ChannelLayout:
+        """`layout` with every set split since it was recorded written as its k runs of the smaller set."""
+        if not any(s.set in self.splits for s in layout.segs):
+            return layout
+        segs: list[ChannelSegment] = []
+        for s in layout.segs:
+            if s.set in self.splits:
+                sub, k = self.splits[s.set]
+                segs += self.current(ChannelLayout(layout.axis, (ChannelSegment(sub, s.size // k, s.block),))).segs * k
+            else:
+                segs.append(s)
+        return ChannelLayout(layout.axis, tuple(segs))
 
     def set_layout(self, name: str, layout: ChannelLayout | None) -> None:
         if name and layout is not None:
@@ -114,14 +131,14 @@ class ChannelBuilder:
                      scale: int = 1) -> None:
         """Each segment of `layout` owns its stretch of `initializer` along `axis` (`scale` entries per entry)."""
         offset = 0
-        for s in layout.segs:
+        for s in self.current(layout).segs:
             self.add_slice(s.set, TensorSlice(initializer, axis, offset * scale, s.block * scale, kind))
             offset += s.size * s.block
 
     def block(self, layout: ChannelLayout | None, node: onnx.NodeProto, reason: str) -> None:
         if layout is None:
             return
-        self.blocked_sets.update(s.set for s in layout.segs)
+        self.blocked_sets.update(s.set for s in self.current(layout).segs)
         self.note(node, reason)
 
     def note(self, node: onnx.NodeProto, reason: str) -> None:
@@ -144,12 +161,60 @@ class ChannelBuilder:
         return layout
 
     def unite(self, a: ChannelLayout, b: ChannelLayout) -> bool:
-        """Make the channels of `a` and `b` the same, segment by segment; False when their runs differ."""
-        if [(s.size, s.block) for s in a.segs] != [(s.size, s.block) for s in b.segs]:
-            return False
+        """Make the channels of `a` and `b` the same, segment by segment; a segment that spans several of the
+        other's is split into equal runs (split_set). False when the runs cannot be made alike."""
+        while True:
+            a, b = self.current(a), self.current(b)
+            if [(s.size, s.block) for s in a.segs] == [(s.size, s.block) for s in b.segs]:
+                break
+            if a.width != b.width or not self._split_at(a, b) and not self._split_at(b, a):
+                return False
         for sa, sb in zip(a.segs, b.segs, strict=True):
             self.sets.union(sa.set, sb.set)
         return True
+
+    def _split_at(self, lay: ChannelLayout, other: ChannelLayout) -> bool:
+        """Split the first segment of `lay` that `other`'s boundaries cut into equal runs; False when none is
+        (or one is cut unevenly, which no split can follow)."""
+        cuts = set(itertools.accumulate(s.size * s.block for s in other.segs))
+        start = 0
+        for s in lay.segs:
+            width = s.size * s.block
+            inner = sorted(c - start for c in cuts if start < c < start + width)
+            start += width
+            if not inner:
+                continue
+            k = len(inner) + 1
+            if s.size % k or inner != [width // k * i for i in range(1, k)]:
+                return False
+            self.split_set(s.set, k)
+            return True
+        return False
+
+    def split_set(self, set_id: int, k: int) -> int:
+        """Channel c of `set_id` (and of every set united with it) becomes channel c mod size/k of one new set
+        of size/k: the same channels in each of its k runs, as a grouped Conv prunes them (the same channels in
+        every group). Slices recorded so far are rewritten; layouts follow through `current`. Returns the new
+        set."""
+        root = self.sets.find(set_id)
+        size = self.sets.size[root] // k
+        members = [i for i in range(len(self.sets.parent)) if i not in self.splits and self.sets.find(i) == root]
+        subs = {m: self.sets.new(size, None) for m in members}
+        first = subs[root]
+        for m, sub in subs.items():
+            self.splits[m] = (sub, k)
+            self.sets.union(first, sub)
+            if m in self.blocked_sets:
+                self.blocked_sets.add(sub)
+        self.sets.creators[self.sets.find(first)] = list(self.sets.creators[root])
+        rewritten = []
+        for set_id_, s, k_node in self.slices:
+            if set_id_ not in subs:
+                rewritten.append((set_id_, s, k_node))
+                continue
+            rewritten += [(subs[set_id_], replace(s, offset=s.offset + j * size * s.block), k_node) for j in range(k)]
+        self.slices = rewritten
+        return self.sets.find(first)
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:

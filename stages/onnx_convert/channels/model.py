@@ -17,7 +17,7 @@ class TensorSlice:
     axis: int
     offset: int = 0  # entries along axis before channel 0 of the group (Concat offsets)
     block: int = 1  # entries per channel along axis (Flatten/Reshape into Gemm/MatMul: H*W)
-    kind: str = "weight"  # "weight": a prunable weight (a slot in PRUNABLE_SLOTS); "param": other trained values
+    kind: str = "weight"  # "weight": a prunable weight (see passes._graph.weight_index); "param": other trained values
     # (bias, norm scale/shift, ...), zeroed when masking; "stat": running mean/var and other values that are
     # sliced by the cut but never zeroed
     # channel c covers entries [offset + c*block, offset + (c+1)*block) along axis

@@ -12,7 +12,16 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 # looked for: Conv/ConvTranspose W, Gemm B (A when it is the constant); MatMul has no fixed side, whichever
 # operand is an initializer is the weight.
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
-PRUNABLE_SLOTS = {(op, i) for op, slots in WEIGHT_INPUTS.items() for i in slots}
+
+
+def weight_index(node: onnx.NodeProto, constants) -> int | None:
+    """Which input of `node` is its weight: the first of WEIGHT_INPUTS that names one of `constants`. A MatMul
+    of two constants (a model's fixed coordinate table times a Linear's weight, once folded) has its weight on
+    the right; the left operand is a constant of the model, never pruned."""
+    for idx in WEIGHT_INPUTS.get(node.op_type, ()):
+        if idx < len(node.input) and node.input[idx] in constants:
+            return idx
+    return None
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

@@ -17,24 +17,19 @@ from onnx import numpy_helper
 
 from stages.onnx_convert.passes._graph import (
     FLOAT_TYPES,
-    PRUNABLE_SLOTS,
     add_initializer,
     all_names,
     copy_tensor,
     initializer_map,
     remove_initializer,
+    weight_index,
 )
 
 
 def _weight_slot(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto, index: int, name: str) -> bool:
-    if (node.op_type, index) not in PRUNABLE_SLOTS:
-        return False
     t = inits.get(name)
-    if t is None or t.data_type not in FLOAT_TYPES or len(t.dims) < 2:
-        return False
-    if node.op_type in ("Gemm", "MatMul") and index == 0:
-        return len(node.input) > 1 and node.input[1] not in inits
-    return True
+    return (t is not None and t.data_type in FLOAT_TYPES and len(t.dims) >= 2
+            and weight_index(node, inits) == index)
 
 
 def run(model: onnx.ModelProto) -> list[str]:

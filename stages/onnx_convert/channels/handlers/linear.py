@@ -48,9 +48,39 @@ def _conv(b: ChannelBuilder, node: onnx.NodeProto) -> None:
         b.group_fixes.append(GroupFix(b.index, w, m, transposed))
         b.set_layout(out, lay.scaled(m))
     else:
-        reason = f"grouped {node.op_type} (group={group}, {c_in} input channels) ties channels group-wise"
-        b.block(lay, node, reason)
-        b.opaque(node, out, 1, c_out, reason)
+        _grouped_conv(b, node, lay, group, transposed)
+
+
+def _grouped_conv(b: ChannelBuilder, node: onnx.NodeProto, lay: ChannelLayout | None, group: int,
+                  transposed: bool) -> None:
+    """A grouped Conv/ConvTranspose prunes the same channels in every group, so that `group` stays valid: its
+    input channels become `group` runs of the same channels (the sets feeding it are split, see split_set), its
+    output channels `group` runs of one new set."""
+    w, bias = node.input[1], node.input[2] if len(node.input) > 2 else ""
+    wd = b.float_initializer_dims(w)
+    out_per_group = wd[1] if transposed else wd[0] // group
+    if lay is not None:
+        in_per_group = lay.width // group
+        runs = ChannelLayout(1, (ChannelSegment(b.new_set(in_per_group), in_per_group),) * group)
+        if b.unite(lay, runs):
+            lay = b.current(lay)
+            if transposed:  # W [C_in, C_out/g, k...]: every input channel has its row
+                b.slice_layout(lay, w, 0)
+            else:  # W [C_out, C_in/g, k...]: input channel c of each group is column c
+                first = ChannelLayout(1, lay.segs[: len(lay.segs) // group])
+                b.slice_layout(first, w, 1)
+        else:
+            b.block(lay, node, f"grouped {node.op_type} (group={group}) over input channels that cannot be split "
+                               "into the same channels in every group")
+    s = b.new_set(out_per_group, node)
+    if transposed:
+        b.add_slice(s, TensorSlice(w, 1))
+    for g in range(group):
+        if not transposed:
+            b.add_slice(s, TensorSlice(w, 0, g * out_per_group))
+        if bias:
+            b.add_slice(s, TensorSlice(bias, 0, g * out_per_group, kind="param"))
+    b.set_layout(node.output[0], ChannelLayout(1, (ChannelSegment(s, out_per_group),) * group))
 
 
 @channel_handler("Gemm")
