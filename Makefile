@@ -58,6 +58,8 @@ bench-extremes: install
 
 bench-structured: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_structured.py
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/bench_peer.py
 
 bench-trained: install
 	QUICK=$(QUICK) $(BIN)/python benchmarks/bench_trained.py

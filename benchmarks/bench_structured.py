@@ -60,8 +60,9 @@ def quick_from_env() -> bool:
 # --------------------------------------------------------------------------------------------- speed
 
 
-def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
-    """Export, import, channel FORCE masks and the proven cut of one network; cached in its work directory."""
+def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str = "params") -> dict:
+    """Export, import, channel FORCE masks under `budget` and the proven cut of one network; cached in its work
+    directory."""
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_graph
@@ -73,7 +74,8 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
     if not (base / "normalized.onnx").exists():
         export_torchvision(arch, dense, num_classes=1000, input_size=(size, size))
         import_onnx(dense, base)
-    out = base / (f"channel-{sparsity:g}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}"))
+    out = base / (f"channel-{sparsity:g}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}")
+                  + ("" if budget == "params" else f"-{budget}"))
     done = out / "cut.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -83,11 +85,12 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int) -> dict:
     batches = mask_batches(splits, MASK_BATCH, MASK_STEPS, seed=0)
     masks = compute_masks_stage(base / "normalized.onnx", out / "masks.npz", method="force", density=1 - sparsity,
                                 steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel",
-                                channel_multiple=multiple)
+                                channel_multiple=multiple, budget=budget)
     t_masks = time.perf_counter() - t0
     images = batches[0][0][:8].numpy()
     cut = cut_graph(base / "normalized.onnx", masks.masks_path, out, images=images)
-    cell = {"arch": arch, "size": size, "sparsity": sparsity, "multiple": multiple, "dense": str(dense),
+    cell = {"arch": arch, "size": size, "sparsity": sparsity, "multiple": multiple, "budget": budget,
+            "dense": str(dense),
             "cut": str(cut.cut_path),
             "weights_removed": 1 - cut.costs_after["prunable_weights"] / cut.costs_before["prunable_weights"],
             "channels_kept": cut.channels_kept, "channels_total": cut.channels_total,

@@ -99,6 +99,7 @@ class _Layout:
         groups: Sequence[ChannelGroup],
         counted: Sequence[str],
         device: torch.device | str,
+        costs: Mapping[str, int] | None = None,
     ):
         self.device = torch.device(device)
         self.shapes = {n: tuple(shapes[n]) for n in [*counted, *(s.param for g in groups for s in g.slices)]}
@@ -139,7 +140,12 @@ class _Layout:
             dtype=torch.long,
             device=self.device,
         )
-        self.total = sum(math.prod(self.shapes[n]) for n in self.counted)
+        # What one weight of each counted parameter costs in the budget's unit (1: a parameter budget; MACs per
+        # image: a compute budget); `total` and `kept` are in that unit.
+        self.costs = {n: int(costs[n]) if costs is not None else 1 for n in self.counted}
+        self.cost = torch.tensor([self.costs[n] for n in self.counted], dtype=torch.long, device=self.device)
+        self.total_weights = sum(math.prod(self.shapes[n]) for n in self.counted)
+        self.total = sum(math.prod(self.shapes[n]) * self.costs[n] for n in self.counted)
         self.scored = [n for n in self.counted if self.dims[n]]  # counted parameters that channels cut
 
     def axis_keep(self, keep: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,14 @@ class _Layout:
         return per_axis[self.count_rows].prod(1) * self.count_const
 
     def kept(self, keep: torch.Tensor) -> int:
-        return int(self.kept_per_param(keep).sum())
+        """What the kept weights cost, in the budget's unit (weights when every cost is 1)."""
+        return int((self.kept_per_param(keep) * self.cost).sum())
+
+    def channel_costs(self) -> torch.Tensor:
+        """Per channel (float32), what its entries in the counted parameters cost with every other channel kept:
+        the price of a channel in the greedy knapsack of `ChannelContext.keep_top`."""
+        return self.channel_sums({n: torch.full(self.shapes[n], float(self.costs[n]), device=self.device)
+                                  for n in self.scored})
 
     def element_masks(self, keep: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """name -> bool mask of the parameter's shape (all True where no group reaches it)."""
@@ -219,7 +232,8 @@ def channel_element_masks(
 class ChannelContext(ScheduleMixin):
     """What a channel method works with: `scores` and `keep` hold one entry per channel (the channel-prunable
     groups concatenated, in order). A method writes `scores` (`saliency`, `magnitude_`, `random_`), calls
-    `keep_top(k)` and reports each step with `report`; `kept_weights` is the kept count of prunable weights.
+    `keep_top(k)` and reports each step with `report`; `kept_cost` is what the kept prunable weights cost in the
+    budget's unit (their count under a parameter budget, their MACs under a compute budget: `_Layout.costs`).
     `schedule` and `report` are the engine's (ScheduleMixin): (t, d_t, round(d_t·N)), N the prunable weights."""
 
     def __init__(
@@ -250,7 +264,7 @@ class ChannelContext(ScheduleMixin):
         c = layout.n_channels
         self.scores = torch.zeros(c, dtype=torch.float32, device=self.device)
         self.keep = torch.ones(c, dtype=torch.bool, device=self.device)
-        self.kept_weights = self.numel
+        self.kept_cost = self.numel
         sizes = torch.tensor([g.size for g in self.groups], device=self.device)
         self._group_of = torch.repeat_interleave(torch.arange(len(self.groups), device=self.device), sizes)
         self._group_start = sizes.cumsum(0) - sizes
@@ -258,6 +272,10 @@ class ChannelContext(ScheduleMixin):
         # shorter), so that kept counts are multiples of it: runtimes lay channels out in blocks (onnxruntime's
         # NCHWc: 8 on AVX2, 16 on AVX-512; tensor cores: 8), and a count off the block runs at the next one's cost.
         self.multiple = multiple
+        # A weighted budget (MACs) is a knapsack: blocks are ranked by score per unit of cost, the greedy order
+        # whose longest prefix within k loses at most the score of the first block left out against the best
+        # selection of whole blocks. A parameter budget ranks by score alone, as FORCE ranks weights.
+        self._price = layout.channel_costs() if any(c != 1 for c in layout.costs.values()) else None
         blocks = (sizes + multiple - 1) // multiple
         self._n_blocks = int(blocks.sum())
         self._block_start = blocks.cumsum(0) - blocks
@@ -320,8 +338,9 @@ class ChannelContext(ScheduleMixin):
         """keep ← whole blocks of `multiple` channels. In each group the channels, ranked by score (ties by the
         seeded priority of select.py, then index), are cut into consecutive blocks; every group keeps the blocks
         that hold its `min_keep` best channels, then the longest prefix of the other blocks' global ranking (by
-        summed score, ties by the block's best channel) whose kept prunable weights stay within k: at least the
-        asked fraction is removed, as with unstructured masks. With `multiple` 1 a block is a channel."""
+        summed score, or by summed score per unit of cost under a weighted budget; ties by the block's best
+        channel) whose kept prunable weights cost at most k: at least the asked fraction is removed, as with
+        unstructured masks. With `multiple` 1 a block is a channel."""
         c, dev = self.scores.numel(), self.device
         order = self._by_priority[torch.sort(self.scores[self._by_priority], descending=True, stable=True).indices]
         by_group = torch.sort(self._group_of[order], stable=True).indices  # positions in `order`, best first per group
@@ -330,6 +349,9 @@ class ChannelContext(ScheduleMixin):
         block_in_group = (torch.arange(c, device=dev) - self._group_start[group]) // self.multiple
         block = self._block_start[group] + block_in_group
         score = self.scores.new_zeros(self._n_blocks).index_add_(0, block, self.scores[ranked])
+        if self._price is not None:
+            price = self._price.new_zeros(self._n_blocks).index_add_(0, block, self._price[ranked])
+            score = score / price.clamp_min(1.0)
         first = torch.full((self._n_blocks,), c, device=dev).scatter_reduce_(0, block, by_group, "amin")
         by_first = torch.sort(first).indices
         ranking = by_first[torch.sort(score[by_first], descending=True, stable=True).indices]
@@ -348,7 +370,7 @@ class ChannelContext(ScheduleMixin):
             else:
                 hi = mid - 1
         self.keep.copy_(channel_position < lo)
-        self.kept_weights = self.layout.kept(self.keep)
+        self.kept_cost = self.layout.kept(self.keep)
         return self.keep
 
 
@@ -363,7 +385,7 @@ def channel_force(ctx: ChannelContext) -> None:
     for t, d, k in ctx.schedule():
         ctx.saliency()
         ctx.keep_top(k)
-        ctx.report(t, ctx.steps, density=d, kept=ctx.kept_weights)
+        ctx.report(t, ctx.steps, density=d, kept=ctx.kept_cost)
 
 
 @register_method("iter_snip", structure="channel", default_steps=20)
@@ -373,7 +395,7 @@ def channel_iter_snip(ctx: ChannelContext) -> None:
         ctx.saliency()
         ctx.drop_pruned_()
         ctx.keep_top(k)
-        ctx.report(t, ctx.steps, density=d, kept=ctx.kept_weights)
+        ctx.report(t, ctx.steps, density=d, kept=ctx.kept_cost)
 
 
 @register_method("snip", structure="channel", single_shot=True)
@@ -381,7 +403,7 @@ def channel_snip(ctx: ChannelContext) -> None:
     """SNIP on channels: one saliency at the all-kept mask."""
     ctx.saliency()
     ctx.keep_top(ctx.k)
-    ctx.report(1, 1, density=ctx.density, kept=ctx.kept_weights)
+    ctx.report(1, 1, density=ctx.density, kept=ctx.kept_cost)
 
 
 @register_method("magnitude", structure="channel", single_shot=True, needs_data=False)
@@ -389,7 +411,7 @@ def channel_magnitude(ctx: ChannelContext) -> None:
     """The channels of largest mean |θ0|."""
     ctx.magnitude_()
     ctx.keep_top(ctx.k)
-    ctx.report(1, 1, density=ctx.density, kept=ctx.kept_weights)
+    ctx.report(1, 1, density=ctx.density, kept=ctx.kept_cost)
 
 
 @register_method("random", structure="channel", single_shot=True, needs_data=False)
@@ -397,7 +419,7 @@ def channel_random(ctx: ChannelContext) -> None:
     """Channels in a seeded random order."""
     ctx.random_()
     ctx.keep_top(ctx.k)
-    ctx.report(1, 1, density=ctx.density, kept=ctx.kept_weights)
+    ctx.report(1, 1, density=ctx.density, kept=ctx.kept_cost)
 
 
 class ChannelFloorError(ValueError):
@@ -427,9 +449,12 @@ def compute_channel_masks(
     progress: Progress | None = None,
     loss_fn: Callable | None = None,
     multiple: int = 1,
+    costs: Mapping[str, int] | None = None,
 ) -> ChannelMasks:
     """Channel masks at initialization for `model`: the most channels (by the rule of `keep_top`) whose kept
     prunable weights stay within k = round(density·N), N the weights of `params` (None: Conv/Linear weights).
+    `costs`: what one weight of each of `params` costs (e.g. the MACs it performs per image, its layer's output
+    positions); then N and k count that cost instead of weights, and channels are chosen as a knapsack.
 
     - `groups`: which slices of which parameters each group's channels cover; groups reaching none of
       `params` are kept whole (listed in meta["unprunable_groups"]).
@@ -460,8 +485,15 @@ def compute_channel_masks(
             f"{len(prunable)} prunable weight tensors {list(prunable)[:3]}..."
         )
     device = next(iter(prunable.values())).device
-    layout = _Layout(shapes, cutting, list(prunable), device)
+    if costs is not None:
+        bad = [n for n in prunable if not isinstance(costs.get(n), int) or isinstance(costs.get(n), bool)
+               or costs[n] < 1]
+        if bad:
+            raise ValueError(f"costs must give every prunable parameter an integer cost >= 1; {bad[0]!r} has "
+                             f"{costs.get(bad[0])!r}")
+    layout = _Layout(shapes, cutting, list(prunable), device, costs)
     n_total = layout.total
+    unit = "prunable weights" if costs is None else "cost units of the prunable weights"
     k = kept_count(density, n_total)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
@@ -474,7 +506,7 @@ def compute_channel_masks(
     if floor > k:
         reachable = math.floor((1.0 - floor / n_total) * 1e4) / 1e4  # rounded down: that sparsity is reachable
         raise ChannelFloorError(
-            f"sparsity {1 - density:.4g} keeps {k} of the {n_total} prunable weights, but min_keep channels of every "
+            f"sparsity {1 - density:.4g} keeps {k} of the {n_total} {unit}, but min_keep channels of every "
             f"group keep {floor}: the largest reachable sparsity is {reachable:.4f}; lower the sparsity, min_keep "
             "or multiple", multiple=multiple, reachable=reachable, sparsity=1 - density, floor=floor, total=n_total)
     run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
@@ -508,10 +540,13 @@ def compute_channel_masks(
         "structure": "channel",
         "density": density,
         "target_density": density,
-        "achieved_density": int(kept_per.sum()) / n_total,
+        "achieved_density": ctx.kept_cost / n_total,
         "k": k,
+        "budget": "weights" if costs is None else "costs",
+        "kept_cost": ctx.kept_cost,
+        "total_cost": n_total,
         "kept_weights": int(kept_per.sum()),
-        "total_weights": n_total,
+        "total_weights": layout.total_weights,
         "kept": dict(zip(layout.counted, kept_per.tolist(), strict=True)),
         "channels_kept": sum(int(torch.count_nonzero(v)) for v in keep.values()),
         "channels_total": sum(g.size for g in groups),

@@ -139,17 +139,20 @@ def _echo_json(obj) -> None:
               help="single weights, or whole channels (masks.json then lists the kept channels of each group)")
 @click.option("--channel-multiple", type=int, default=_config_default("channel_multiple"), show_default=True,
               help="channel structure: channels kept in blocks of this many per group")
+@click.option("--budget", type=click.Choice(["params", "macs"]), default=None,
+              help="what --sparsity removes: weights, or MACs per image [default: macs for channels, else params]")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
-              train_norm, min_per_layer, structure, channel_multiple, out):
+              train_norm, min_per_layer, structure, channel_multiple, budget, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     from stages.run.tools import masks_for
 
     result = masks_for(model, out, method=method, sparsity=sparsity, data=data, steps=steps, schedule=schedule,
                        batch_size=batch_size, batches_per_step=batches_per_step,
                        image_size=tuple(image_size) if image_size else None, seed=seed, train_norm=train_norm,
-                       min_per_layer=min_per_layer, structure=structure, channel_multiple=channel_multiple)
+                       min_per_layer=min_per_layer, structure=structure, channel_multiple=channel_multiple,
+                       budget=budget)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")
@@ -332,8 +335,14 @@ def _print_summary(summary: dict) -> None:
         click.echo("validation gate FAILED, nothing published:")
         for f in summary["failures"]:
             click.echo(f"  - {f}")
-    click.echo(f"  top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  sparsity {summary['sparsity']:.4f}"
-               f" (target {summary['target_sparsity']:g})  onnxruntime on {summary['provider']}")
+    if summary.get("budget") == "macs":
+        before, after = (summary["costs"].get(k, {}).get("weight_macs") or 0 for k in ("input", "exported"))
+        removed = f"MACs removed {1 - after / max(before, 1):.4f} (target {summary['target_sparsity']:g}), " \
+                  f"weights removed {summary['sparsity']:.4f}"
+    else:
+        removed = f"sparsity {summary['sparsity']:.4f} (target {summary['target_sparsity']:g})"
+    click.echo(f"  top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  {removed}  onnxruntime on "
+               f"{summary['provider']}")
     if summary.get("input_top1") is not None:
         baseline = summary.get("baseline_accuracy")
         drop = f"; --max-drop measured from {baseline:.4f}" if baseline is not None else ""

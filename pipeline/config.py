@@ -29,6 +29,17 @@ ATTENTION_RECIPES: dict[str, dict] = {
 }
 
 
+def resolve_budget(budget: str | None, structure: str) -> str:
+    """What --sparsity counts: the budget given, else MACs for channels (they are cut for speed) and weights for
+    single weights. Raises ValueError for a MACs budget on single weights."""
+    if budget is None:
+        return "macs" if structure == "channel" else "params"
+    if budget == "macs" and structure != "channel":
+        raise ValueError("--budget macs needs --structure channel: zeros inside dense weights do not lower the MACs "
+                         "a runtime computes")
+    return budget
+
+
 def recipe_values(recipe: str, attention: bool = False) -> dict:
     """The fields `recipe` sets, for a network with attention or without."""
     return {**RECIPES[recipe], **(ATTENTION_RECIPES[recipe] if attention else {})}
@@ -56,6 +67,10 @@ class CompressConfig(BaseModel):
     schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
     channel_multiple: int = Field(8, ge=1, description="channel structure: channels are kept in blocks of this many "
                                                        "per layer group (runtimes run 8 or 16 at a time)")
+    budget: Literal["params", "macs"] | None = Field(
+        None, description="channel structure: what --sparsity removes: params (weights: the file's size) or macs "
+                          "(multiply-accumulates per image: the time the cut model takes, where activations are "
+                          "large). Default: macs for --structure channel, params otherwise")
     mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
     mask_batch_size: int = Field(128, ge=1, description="images per pruning mini-batch")
     min_per_layer: int = Field(1, ge=0, description="weights every prunable layer keeps at least (0: none, as the "
@@ -154,6 +169,11 @@ class CompressConfig(BaseModel):
             kind = "" if self.structure == "unstructured" else f"{self.structure} "
             raise ValueError(f"unknown {kind}method {self.method!r}; "
                              f"choose one of {', '.join(sorted(known))}")
+        return self
+
+    @model_validator(mode="after")
+    def _budget(self) -> CompressConfig:
+        object.__setattr__(self, "budget", resolve_budget(self.budget, self.structure))
         return self
 
     def with_recipe(self, recipe: str, attention: bool = False) -> CompressConfig:

@@ -26,6 +26,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
 from pipeline.stage import DATA_FIELDS, Stage
 from stages.onnx_convert.channels import Plan, analyze
+from stages.onnx_convert.costs import macs_per_weight
 from stages.onnx_convert.mask_file import effective_sidecar, save_masks
 from stages.onnx_convert.param_map import ParamMap
 from stages.onnx_convert.passes._graph import real_inputs
@@ -61,7 +62,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
                         calibrate_norms: bool = False, on_collapse: str = "nested", collapse_ratio: float | None = None,
                         min_per_layer: int = 0, structure: str = "unstructured",
-                        channel_multiple: int = 1, output_kind: str = "logits") -> MaskResult:
+                        channel_multiple: int = 1, output_kind: str = "logits", budget: str = "params") -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses);
@@ -70,7 +71,9 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     layers leave some layer empty whatever the method; the cut check reports it).
     `structure="channel"`: whole channel groups (from the graph's dependency analysis) are kept or pruned; the
     sidecar lists the kept channels of each group, which the cut stage removes from the graph; `channel_multiple`:
-    they are kept in blocks of that many per group."""
+    they are kept in blocks of that many per group; `budget="macs"`: `density` is the fraction of the prunable
+    weights' multiply-accumulates per image kept, not of the weights (channels are then priced by what they
+    compute: a channel at 56×56 costs 64 times one at 7×7)."""
     if method not in force_core.available_methods(structure):
         known = ", ".join(sorted(force_core.available_methods(structure)))
         kind = "" if structure == "unstructured" else f"{structure} "
@@ -100,7 +103,9 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
         maskset, channel_meta = _channel_masks(module, graph, plan, param_map, batches, method=method,
                                                density=density, steps=steps, schedule=schedule,
                                                batches_per_step=batches_per_step, seed=seed, progress=progress,
-                                               multiple=channel_multiple, loss_fn=LOSSES[output_kind])
+                                               multiple=channel_multiple, loss_fn=LOSSES[output_kind],
+                                               costs=_macs_costs(graph, param_map, batches[0][0]) if budget == "macs"
+                                               else None)
     else:
         maskset, channel_meta = _unstructured_masks(
             module, param_map, batches, method=method, density=density, steps=steps, schedule=schedule,
@@ -110,7 +115,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     effective = force_core.effective_sparsity(module, maskset, batches[0][0])
     meta = {
         "method": method, "structure": structure, "target_density": density, "target_sparsity": 1.0 - density,
-        "schedule": schedule, "steps": steps, "seed": seed, "batches": len(batches),
+        "schedule": schedule, "steps": steps, "seed": seed, "batches": len(batches), "budget": budget,
         "batches_per_step": batches_per_step, "source_sha256": sha256_file(normalized_path),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
         "python": platform.python_version(), "seconds": round(seconds, 3), "min_per_layer": min_per_layer,
@@ -136,6 +141,13 @@ def _unstructured_masks(module, param_map: ParamMap, batches, *, collapse_ratio,
     return maskset, {}
 
 
+def _macs_costs(model: onnx.ModelProto, param_map: ParamMap, images: torch.Tensor) -> dict[str, int]:
+    """Prunable parameter -> the MACs one of its weights performs per image at the images' size; a weight whose
+    shapes inference could not settle is priced as one MAC."""
+    per_weight = macs_per_weight(model, tuple(int(d) for d in images.shape[1:]))
+    return {n: per_weight.get(param_map.to_initializer(n), 1) for n in param_map.prunable}
+
+
 def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamMap, batches, **kwargs):
     """Channel masks over the groups the graph analysis `plan` of `model` finds; the sidecar entries that the cut
     stage reads."""
@@ -152,14 +164,16 @@ def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamM
     try:
         result = force_core.compute_channel_masks(module, batches, groups, params=param_map.prunable, **kwargs)
     except ChannelFloorError as e:
-        raise BadInputError(_floor_message(e)) from None
+        unit = "prunable weights" if kwargs.get("costs") is None else "MACs per image of the prunable weights"
+        raise BadInputError(_floor_message(e, unit)) from None
     except ValueError as e:  # force_core checks its arguments with ValueError: user input here
         raise BadInputError(str(e)) from None
     keep = {name: torch.nonzero(k).flatten().tolist() for name, k in result.keep.items()}
     meta = {"channels": keep, "channel_sizes": {g.name: g.size for g in groups},
             "channels_kept": sum(len(v) for v in keep.values()), "channels_total": sum(g.size for g in groups),
             "blocked": blocked, "channel_multiple": result.meta["multiple"],
-            **{k: v for k, v in result.meta.items() if k in ("step_losses", "achieved_density", "unprunable_groups")}}
+            **{k: v for k, v in result.meta.items() if k in ("step_losses", "achieved_density", "unprunable_groups",
+                                                               "kept_cost", "total_cost")}}
     return result.masks, meta
 
 
@@ -207,15 +221,15 @@ def torch_channel_groups(analysis, param_map: ParamMap, reading: dict[str, set[i
     return groups
 
 
-def _floor_message(e: ChannelFloorError) -> str:
+def _floor_message(e: ChannelFloorError, unit: str) -> str:
     """force_core's message in the CLI's words: every group keeps one block of --channel-multiple channels."""
     if e.reachable is None:
         return (f"--structure channel: nothing can be pruned in blocks of --channel-multiple {e.multiple}: no "
                 f"channel group has more than {e.multiple} channels; give a smaller --channel-multiple")
     return (f"--sparsity {e.sparsity:.4g} is out of reach with --structure channel: every channel group keeps at "
-            f"least one block of --channel-multiple {e.multiple} channels, {e.floor} of the {e.total} prunable "
-            f"weights, so the largest reachable sparsity is {e.reachable:.4f}; give a --sparsity up to that or a "
-            "smaller --channel-multiple")
+            f"least one block of --channel-multiple {e.multiple} channels, {e.floor:,} of the {e.total:,} {unit}, "
+            f"so the largest reachable sparsity is {e.reachable:.4f}; give a --sparsity up to that or a smaller "
+            "--channel-multiple")
 
 
 def mask_batch_count(method: str, steps: int | None, batches_per_step: int, structure: str = "unstructured") -> int:
@@ -258,7 +272,7 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
             device=resolve_device(config.device), train_norm=config.train_norm,
             calibrate_norms=config.recipe == "finetune", on_collapse=config.on_collapse,
             min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
-            output_kind=output_kind,
+            output_kind=output_kind, budget=config.budget,
         )
     finally:
         bar.close()
@@ -267,4 +281,4 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
 STAGE = Stage("masks", masks_stage, outputs=(RunFiles.MASKS, RunFiles.MASKS_META),
               reads=DATA_FIELDS | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
                                    "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple",
-                                   "train_norm", "recipe", "device"})
+                                   "budget", "train_norm", "recipe", "device"})

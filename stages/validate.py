@@ -106,7 +106,8 @@ def validate(
              "exported": model_costs(model, input_shape).to_dict()}
     if uncut is not None:  # a channel cut: sparsity counts what is gone from the uncut model's weights
         sparsity = removed_sparsity(sparsity, file_sparsity(uncut))
-    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel) + form_checks(config, measured)
+    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel, costs=costs) + form_checks(config,
+                                                                                                          measured)
 
     report = ValidationReport(
         exported_path=str(exported_path),
@@ -215,4 +216,4 @@ def validate_stage(exported, trained, masks, config, run_dir: str, data, graph: 
 
 STAGE = Stage("validate", validate_stage, outputs=(RunFiles.REPORT_JSON, RunFiles.REPORT_MD),
               reads=DATA_FIELDS | {"model", "name", "image_size", "device", "method", "sparsity", "min_accuracy",
-                                   "baseline_accuracy", "max_drop", "parity_tol", "max_steps"})
+                                   "baseline_accuracy", "max_drop", "parity_tol", "max_steps", "budget"})

@@ -204,11 +204,21 @@ def given_scores(values: torch.Tensor):
     return run
 
 
-def brute_force_keep(groups, scores: torch.Tensor, shapes, params, k: int) -> tuple[dict, int]:
+def brute_force_keep(groups, scores: torch.Tensor, shapes, params, k: int, costs=None) -> tuple[dict, int]:
     """The rule with no cleverness: distinct scores ranked, each group's min_keep best reserved, then prefix
-    lengths tried one by one, counting kept weights from the element masks: the longest within k."""
+    lengths tried one by one, counting kept weights from the element masks: the longest within k. With `costs`,
+    a weight of parameter n counts costs[n], and channels rank by score per cost (the cost of the weights that
+    pruning the channel alone removes)."""
     starts = torch.tensor([0] + [g.size for g in groups]).cumsum(0).tolist()
-    order = torch.argsort(scores, descending=True).tolist()
+    priced, costs = costs is not None, costs or dict.fromkeys(params, 1)
+
+    def kept_cost(flat):
+        keep = {g.name: flat[starts[i] : starts[i + 1]] for i, g in enumerate(groups)}
+        return sum(int(m.sum()) * costs[n] for n, m in channel_element_masks(shapes, groups, keep, params).items())
+
+    full = kept_cost(torch.ones(len(scores), dtype=torch.bool))
+    price = torch.tensor([full - kept_cost(torch.arange(len(scores)) != c) for c in range(len(scores))]).float()
+    order = torch.argsort(scores / price if priced else scores, descending=True).tolist()
     group_of = [next(i for i in range(len(groups)) if starts[i] <= c < starts[i + 1]) for c in range(len(scores))]
     reserved = []
     for i, g in enumerate(groups):
@@ -219,7 +229,7 @@ def brute_force_keep(groups, scores: torch.Tensor, shapes, params, k: int) -> tu
         flat = torch.zeros(len(scores), dtype=torch.bool)
         flat[reserved + rest[:length]] = True
         keep = {g.name: flat[starts[i] : starts[i + 1]] for i, g in enumerate(groups)}
-        kept = sum(int(m.sum()) for m in channel_element_masks(shapes, groups, keep, params).values())
+        kept = kept_cost(flat)
         if kept <= k:
             best = keep, kept
     assert best is not None, "the reserved channels alone exceed k"
@@ -249,6 +259,41 @@ def test_kept_weights_are_the_longest_prefix_within_k(net, density):
     assert result.meta["k"] == k and result.meta["total_weights"] == n_total == result.masks.total()
     assert result.meta["achieved_density"] == expected_kept / n_total <= density + 0.5 / n_total
     assert all(int(v.sum()) >= g.min_keep for g, v in zip(groups, result.keep.values(), strict=True))
+
+
+@pytest.mark.parametrize("density", [0.7, 0.4])
+def test_a_cost_budget_ranks_channels_by_score_per_cost_and_keeps_the_cost_within_k(density):
+    """MACs as the budget: the first conv runs at 4x the positions of the second (as a layer at 56x56 against one
+    at 28x28); k counts weights times their cost, and channels are a knapsack ranked by score per cost."""
+    model, groups, params = plain_net(seed=1)
+    costs = {"0.weight": 64, "3.weight": 16, "8.weight": 1}
+    values = torch.randperm(20, generator=torch.Generator().manual_seed(3)).float() + 1
+    name = f"test_given_scores_costs_{density}"
+    force_core.register_method(name, structure="channel", single_shot=True, needs_data=False)(given_scores(values))
+    result = compute_channel_masks(model, None, groups, method=name, density=density, params=params, costs=costs)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    total = sum(shapes[n].numel() * costs[n] for n in params)
+    k = kept_count(density, total)
+    expected, expected_cost = brute_force_keep(groups, values, shapes, params, k, costs)
+    assert {n: v.tolist() for n, v in result.keep.items()} == {n: v.tolist() for n, v in expected.items()}
+    assert result.meta["kept_cost"] == expected_cost <= k and result.meta["total_cost"] == total
+    assert result.meta["budget"] == "costs" and result.meta["achieved_density"] == expected_cost / total
+    assert result.meta["kept_weights"] == result.masks.total_kept()
+    # the same scores under a weight budget keep other channels: the price changed the choice
+    plain = compute_channel_masks(model, None, groups, method=name, density=density, params=params)
+    assert {n: v.tolist() for n, v in plain.keep.items()} != {n: v.tolist() for n, v in result.keep.items()}
+    # unit costs are the weight budget
+    ones = compute_channel_masks(model, None, groups, method=name, density=density, params=params,
+                                 costs=dict.fromkeys(params, 1))
+    assert {n: v.tolist() for n, v in ones.keep.items()} == {n: v.tolist() for n, v in plain.keep.items()}
+
+
+@pytest.mark.parametrize("bad", [{"0.weight": 0}, {"0.weight": 1.5}, {}])
+def test_a_cost_budget_needs_an_integer_cost_for_every_prunable_weight(bad):
+    model, groups, params = plain_net()
+    costs = {**dict.fromkeys(params, 2), **bad} if bad else {"0.weight": 2}
+    with pytest.raises(ValueError, match="costs must give every prunable parameter an integer cost >= 1"):
+        compute_channel_masks(model, None, groups, method="magnitude", density=0.5, params=params, costs=costs)
 
 
 def test_ties_are_broken_the_same_way_every_time():

@@ -160,9 +160,9 @@ def test_a_non_finite_validation_loss_stops_training_keeping_the_last_finite_che
 def test_the_channel_floor_message_names_real_options():
     e = ChannelFloorError("force_core's words", multiple=8, reachable=0.9077, sparsity=0.95, floor=178, total=1928)
 
-    line = _floor_message(e)
+    line = _floor_message(e, "prunable weights")
 
     assert "min_keep" not in line and "--channel-multiple 8" in line and "--sparsity 0.95" in line
-    assert "largest reachable sparsity is 0.9077" in line
-    nothing = _floor_message(ChannelFloorError("x", multiple=64))
+    assert "largest reachable sparsity is 0.9077" in line and "178 of the 1,928 prunable weights" in line
+    nothing = _floor_message(ChannelFloorError("x", multiple=64), "prunable weights")
     assert "min_keep" not in nothing and "smaller --channel-multiple" in nothing

@@ -27,24 +27,33 @@ def _cli(args, cwd, timeout=300):
                           timeout=timeout)
 
 
-def test_channel_structure_publishes_a_smaller_model_that_computes_what_was_validated(tiny_at_init, tmp_path):
+@pytest.mark.parametrize("budget", ["macs", "params"])
+def test_channel_structure_publishes_a_smaller_model_that_computes_what_was_validated(budget, tiny_at_init,
+                                                                                       tmp_path):
     import numpy as np
 
     from stages.onnx_convert import runtime
 
-    # through the Prefect flow (the served deployment runs the same flow)
-    r = _cli([tiny_at_init, "--structure", "channel", "--sparsity", "0.5", *TINY, "--json"], tmp_path)
+    # the default budget (MACs) through the Prefect flow (the served deployment runs the same flow)
+    given = [] if budget == "macs" else ["--budget", "params", "--no-prefect"]
+    r = _cli([tiny_at_init, "--structure", "channel", "--sparsity", "0.5", *TINY, "--json", *given], tmp_path)
 
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout)
-    assert s["structure"] == "channel" and s["published"]
+    assert s["structure"] == "channel" and s["published"] and s["budget"] == budget
     assert list(s["stage_seconds"]) == ["import", "masks", "cut", "sparse-train", "export", "validate", "publish"]
-    assert "stage cut" in r.stderr and "channels kept" in r.stderr
+    assert ("stage cut" if budget == "macs" else "] cut") in r.stderr and "channels kept" in r.stderr
     before, after = s["costs"]["input"], s["costs"]["exported"]
-    # the removed weights are gone from the file, not zeros in it: at least half the prunable weights
-    assert after["prunable_weights"] <= 0.5 * before["prunable_weights"] + 1
     assert after["macs"] < before["macs"] and after["params"] < before["params"]
-    assert s["sparsity"] >= 0.5 and s["sizes"]["exported"] < s["sizes"]["input"]
+    assert s["sizes"]["exported"] < s["sizes"]["input"]
+    report = json.loads((tmp_path / s["run_dir"] / "report.json").read_text())
+    check = next(c for c in report["checks"] if c["name"] == "sparsity")
+    if budget == "macs":  # half the weight layers' multiply-accumulates per image are gone
+        assert after["weight_macs"] <= 0.5 * before["weight_macs"] + 1
+        assert check["message"].startswith("MACs removed 0.5") and "vs target 0.5000" in check["message"]
+    else:  # the removed weights are gone from the file, not zeros in it: at least half the prunable weights
+        assert after["prunable_weights"] <= 0.5 * before["prunable_weights"] + 1 and s["sparsity"] >= 0.5
+        assert check["message"].startswith("sparsity 0.5")
     assert {"median", "p10", "p90", "verdict"} <= set(s["latency_ms"]["ratio"])
     run_dir = tmp_path / s["run_dir"]
     meta = json.loads((run_dir / "masks.json").read_text())
@@ -73,11 +82,15 @@ def test_nothing_channel_prunable_exits_2_with_one_line_and_writes_nothing(tmp_p
     assert not (tmp_path / "runs").exists() and not (tmp_path / "registry").exists()
 
 
-def test_a_sparsity_beyond_every_removable_channel_exits_2_naming_the_largest(tiny_at_init, tmp_path):
-    r = _cli([tiny_at_init, "--structure", "channel", "--sparsity", "0.95", *TINY, "--no-prefect"], tmp_path)
+@pytest.mark.parametrize("budget, sparsity, reachable", [("params", "0.95", "0.907"), ("macs", "0.99", "0.9693")])
+def test_a_sparsity_beyond_every_removable_channel_exits_2_naming_the_largest(budget, sparsity, reachable,
+                                                                               tiny_at_init, tmp_path):
+    r = _cli([tiny_at_init, "--structure", "channel", "--sparsity", sparsity, "--budget", budget, *TINY,
+              "--no-prefect"], tmp_path)
 
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "largest reachable sparsity is 0.907" in r.stderr and "Traceback" not in r.stderr
+    assert f"largest reachable sparsity is {reachable}" in r.stderr and "Traceback" not in r.stderr
+    assert ("MACs per image" in r.stderr) == (budget == "macs")
     assert not (tmp_path / "runs").exists()
 
 
@@ -87,6 +100,13 @@ def test_a_method_without_a_channel_form_is_refused_up_front(tiny_at_init, tmp_p
 
     assert r.returncode == 2 and "unknown channel method 'grasp'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_macs_budget_on_single_weights_is_refused_up_front(tiny_at_init, tmp_path):
+    r = _cli([tiny_at_init, "--budget", "macs", "--sparsity", "0.5", "--no-prefect"], tmp_path)
+
+    assert r.returncode == 2 and "--budget macs needs --structure channel" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_model_costs_count_resnet18_macs_and_parameters(tmp_path):

@@ -17,8 +17,10 @@ class GateCheck:
     message: str
 
 
-def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float) -> list[GateCheck]:
-    """Each condition of the gate with whether it passed and, when not, by how much it missed."""
+def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float, costs: dict | None = None
+         ) -> list[GateCheck]:
+    """Each condition of the gate with whether it passed and, when not, by how much it missed. Under a MACs budget
+    `costs` ({"input"|"exported": Costs.to_dict()}) gives the MACs the sparsity is checked on."""
     checks = [
         GateCheck(
             "min_accuracy",
@@ -35,15 +37,10 @@ def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float) -> l
             f"accuracy drop {drop:.4f} from baseline {config.baseline_accuracy:.4f} vs allowed {config.max_drop:.4f}"
             + ("" if ok else f" (over by {drop - config.max_drop:.4f})"),
         ))
-    # "Within one weight": exact top-k keeps round(density * total), which may sit one weight short.
-    wanted = config.sparsity * sparsity.prunable_total
-    ok = sparsity.prunable_total > 0 and sparsity.prunable_zeros + 1 >= wanted
-    checks.append(GateCheck(
-        "sparsity", ok,
-        f"sparsity {sparsity.sparsity:.4f} ({sparsity.prunable_zeros}/{sparsity.prunable_total} prunable weights zero)"
-        f" vs target {config.sparsity:.4f}"
-        + ("" if ok else f" (short by {math.ceil(wanted - 1 - sparsity.prunable_zeros)} weights)"),
-    ))
+    if config.budget == "macs":
+        checks.append(_macs_check(config, costs or {}))
+    else:
+        checks.append(_weights_check(config, sparsity))
     ok = parity_rel <= config.parity_tol  # False for NaN
     if not math.isfinite(parity_rel):
         message = "torch/onnxruntime outputs are not finite (NaN or inf: did training diverge?)"
@@ -52,6 +49,31 @@ def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float) -> l
                    + ("" if ok else f" (over by {parity_rel / config.parity_tol:.1f}x)"))
     checks.append(GateCheck("parity", ok, message))
     return checks
+
+
+def _macs_check(config, costs: dict) -> GateCheck:
+    """The MACs per image of the weight layers (Conv/Gemm/MatMul with a weight), read from both files."""
+    before = (costs.get("input") or {}).get("weight_macs") or 0
+    after = (costs.get("exported") or {}).get("weight_macs") or 0
+    wanted = config.sparsity * before
+    removed = before - after
+    ok = before > 0 and removed + 1 >= wanted  # within one MAC: the budget keeps round(density * total)
+    return GateCheck(
+        "sparsity", ok,
+        f"MACs removed {removed / max(before, 1):.4f} ({after:,} of {before:,} per image left in the weight layers) "
+        f"vs target {config.sparsity:.4f}" + ("" if ok else f" (short by {math.ceil(wanted - 1 - removed):,} MACs)"))
+
+
+def _weights_check(config, sparsity: FileSparsity) -> GateCheck:
+    # "Within one weight": exact top-k keeps round(density * total), which may sit one weight short.
+    wanted = config.sparsity * sparsity.prunable_total
+    ok = sparsity.prunable_total > 0 and sparsity.prunable_zeros + 1 >= wanted
+    return GateCheck(
+        "sparsity", ok,
+        f"sparsity {sparsity.sparsity:.4f} ({sparsity.prunable_zeros}/{sparsity.prunable_total} prunable weights zero)"
+        f" vs target {config.sparsity:.4f}"
+        + ("" if ok else f" (short by {math.ceil(wanted - 1 - sparsity.prunable_zeros)} weights)"),
+    )
 
 
 def form_checks(config, forms: list[dict]) -> list[GateCheck]:

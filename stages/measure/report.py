@@ -63,7 +63,9 @@ class ValidationReport:
 
     def describe(self) -> str:
         verdict = "gate passed" if self.passed else "gate FAILED: " + "; ".join(self.failures)
-        return f"top-1 {self.top1:.4f}, sparsity {self.sparsity.sparsity:.4f} on {self.provider}; {verdict}"
+        before, after = ((self.costs.get(k) or {}).get("weight_macs") for k in ("input", "exported"))
+        macs = f", MACs {after / before:.3f}x the input's" if self.structure == "channel" and before else ""
+        return f"top-1 {self.top1:.4f}, sparsity {self.sparsity.sparsity:.4f}{macs} on {self.provider}; {verdict}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
+from stages.onnx_convert.passes._graph import weight_index
 from stages.onnx_convert.sparsity import file_sparsity
 
 
@@ -19,6 +20,7 @@ class Costs:
     prunable_weights: int  # entries of Conv/ConvTranspose/Gemm/MatMul weights
     nonzero_prunable_weights: int
     macs: int  # multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for one image
+    weight_macs: int = 0  # those of the nodes with a weight (what a MACs budget counts; not activation products)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -27,12 +29,42 @@ class Costs:
 def model_costs(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> Costs:
     """Costs of `model` for one (C, H, W) image; MACs from shapes inferred at batch 1."""
     s = file_sparsity(model)
+    macs, weight_macs = _macs(model, input_shape)
     return Costs(params=s.params_total, nonzero_params=s.params_total - s.params_zeros,
                  prunable_weights=s.prunable_total, nonzero_prunable_weights=s.prunable_total - s.prunable_zeros,
-                 macs=_macs(model, input_shape))
+                 macs=macs, weight_macs=weight_macs)
 
 
-def _macs(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> int:
+def _macs(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(MACs of every Conv/ConvTranspose/Gemm/MatMul, MACs of those with a weight) for one image."""
+    shaped, shapes, batch = _shaped(model, input_shape)
+    inits = {t.name for t in shaped.graph.initializer}
+    every = weighted = 0
+    for node in shaped.graph.node:
+        macs = _node_macs(node, shapes)
+        every += macs
+        weighted += macs if weight_index(node, inits) is not None else 0
+    return every // batch, weighted // batch
+
+
+def macs_per_weight(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Initializer -> the MACs one entry of it performs for one (C, H, W) image: a Conv weight's output positions,
+    a Linear weight's tokens. What a weight costs under a compute budget; a weight whose layer's shapes inference
+    could not settle is left out (the caller prices it)."""
+    shaped, shapes, batch = _shaped(model, input_shape)
+    inits = {t.name for t in shaped.graph.initializer}
+    out: dict[str, int] = {}
+    for node in shaped.graph.node:
+        k = weight_index(node, inits)
+        w = node.input[k] if k is not None else ""
+        macs = _node_macs(node, shapes) if w and w not in out else 0
+        if macs:
+            out[w] = max(1, macs // batch // math.prod(shapes[w]))
+    return out
+
+
+def _shaped(model: onnx.ModelProto, input_shape: tuple[int, int, int]):
+    """(the model with shapes inferred at batch 1, name -> dims, the batch it was inferred at)."""
     shaped = onnx.ModelProto()
     shaped.CopyFrom(model)
     inits = {t.name for t in shaped.graph.initializer}
@@ -45,11 +77,7 @@ def _macs(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> int:
     shaped = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
     shapes = {v.name: _dims(v) for v in (*shaped.graph.value_info, *shaped.graph.input, *shaped.graph.output)}
     shapes.update({t.name: tuple(t.dims) for t in shaped.graph.initializer})
-    batch = _dims(graph_input)[0] or 1
-    total = 0
-    for node in shaped.graph.node:
-        total += _node_macs(node, shapes)
-    return total // batch
+    return shaped, shapes, _dims(graph_input)[0] or 1
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:

@@ -61,6 +61,7 @@ class RunSummary:
     report_md: str = ""
     effective_density: float | None = None  # kept weights on an input→output path / all prunable
     structure: str = "unstructured"
+    budget: str = "params"  # what target_sparsity counts: weights ("params") or weight-layer MACs per image ("macs")
     costs: dict = field(default_factory=dict)  # {"input"|"exported": params, non-zero params, MACs per image}
     forms: list = field(default_factory=list)  # each form measured: role, file, size, gzip, top-1, p50 at batch 1/32
     reused: tuple[str, ...] = ()  # stages whose cached result was reused, in run order
@@ -188,7 +189,8 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         sparsity=report.sparsity.sparsity, target_sparsity=config.sparsity, provider=report.provider,
         sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=step.seconds,
         report_md=report.report_md, effective_density=t.masks.effective_density, structure=config.structure,
-        costs=report.costs, forms=[_form_summary(f) for f in report.forms], reused=tuple(step.reused),
+        budget=config.budget, costs=report.costs, forms=[_form_summary(f) for f in report.forms],
+        reused=tuple(step.reused),
         input_top1=request.input_top1, baseline_accuracy=config.baseline_accuracy if config.max_drop is not None
         else None, normalization=data.normalization, report=report,
         geometry=f"{data.geometry.describe()} (from {data.geometry_from})", recipe=request.recipe_reason,

@@ -1,0 +1,190 @@
+"""Our channel cut beside the structural-pruning reference, Torch-Pruning, at equal size and at equal compute.
+
+For each torchvision network at 224×224 (random init, 1000 classes, as `bench_structured.py`):
+- the peer: Torch-Pruning's MagnitudePruner (L1 magnitude, one uniform ratio per layer, `round_to` 8, the
+  classifier left alone) at `--ratio` of the channels, exported to ONNX the way ours is;
+- ours, channel FORCE (20 steps of 16 digits images, blocks of 8) through our own stages:
+  `params`: the parameter budget at the peer's count of prunable weights;
+  `macs`: the MACs budget (the default) at the peer's MACs per image;
+  `macs, peer's size`: the MACs budget at the sparsity where our cut has the peer's parameters (a secant search
+  on the sparsity, each point a full mask computation; the search stops within 1% or after 4 points).
+All five files (dense, peer, ours ×3) run in the same interleaved rounds under onnxruntime CPU at batch 1 and 32;
+parameters and MACs are read from the files.
+
+    python benchmarks/bench_peer.py                          # resnet50 and mobilenet_v2
+    python benchmarks/bench_peer.py --archs resnet50 --rounds 10
+
+Writes benchmarks/results/bench_peer.md|json; our cuts are bench_structured's cells (runs/bench_structured/, reused
+by a rerun), the peer's files go under runs/bench_peer/.
+Torch-Pruning is a benchmark-only dependency (`pip install -e .[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "runs" / "bench_peer"
+SIZE = 224
+MULTIPLE = 8
+SEARCH_POINTS = 4
+
+
+def peer_cell(arch: str, ratio: float) -> dict:
+    """Torch-Pruning's magnitude pruner at `ratio` of the channels of every layer, exported to ONNX."""
+    import torch
+    import torch_pruning as tp
+    import torchvision
+
+    out = WORK / arch / f"peer-{ratio:g}.onnx"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(arch, weights=None, num_classes=1000).eval()
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        x = torch.randn(1, 3, SIZE, SIZE)
+        pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=[head], round_to=MULTIPLE)
+        pruner.step()
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, SIZE, SIZE),), str(out), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return {"method": f"Torch-Pruning, magnitude, uniform {ratio:g}, round_to {MULTIPLE}", "file": str(out),
+            **_costs(out)}
+
+
+def dense_cell(arch: str) -> dict:
+    from stages.onnx_convert.torchvision_export import export_torchvision
+
+    dense = WORK.parent / "bench_structured" / f"{arch}-{SIZE}" / "dense.onnx"  # bench_structured's, shared
+    if not dense.exists():
+        dense.parent.mkdir(parents=True, exist_ok=True)
+        export_torchvision(arch, dense, num_classes=1000, input_size=(SIZE, SIZE))
+    return {"method": "dense", "file": str(dense), **_costs(dense)}
+
+
+def our_cell(arch: str, budget: str, sparsity: float) -> dict:
+    """Channel FORCE under `budget` at `sparsity`: bench_structured's cell (compute_masks_stage, the proven cut)."""
+    from bench_structured import cut_cell
+
+    cell = cut_cell(arch, SIZE, sparsity, MULTIPLE, budget=budget)
+    return {"method": f"ours, channel FORCE, --budget {budget} --sparsity {sparsity:.4f}", "budget": budget,
+            "sparsity": sparsity, "file": cell["cut"], "mask_seconds": cell["mask_seconds"],
+            "parity_max_rel": cell["parity_max_rel"], **_costs(Path(cell["cut"]))}
+
+
+def _costs(path: Path) -> dict:
+    import onnx
+
+    from stages.onnx_convert.costs import model_costs
+
+    c = model_costs(onnx.load(str(path)), (3, SIZE, SIZE))
+    return {"params": c.params, "prunable_weights": c.prunable_weights, "macs": c.macs, "weight_macs": c.weight_macs}
+
+
+def same_params(arch: str, target_params: int, start: dict) -> tuple[dict, list]:
+    """Our MACs-budget cut with the peer's parameter count: a secant search on the sparsity from `start` (the MACs
+    budget at the peer's MACs), kept params falling as the sparsity rises."""
+    from pipeline.errors import BadInputError
+
+    points = [start]
+    lo_s, hi_s = 0.0, 0.99
+    s = start["sparsity"]
+    for _ in range(SEARCH_POINTS - 1):
+        p = points[-1]
+        if abs(p["params"] - target_params) <= 0.01 * target_params:
+            break
+        if p["params"] > target_params:
+            lo_s = max(lo_s, p["sparsity"])
+        else:
+            hi_s = min(hi_s, p["sparsity"])
+        if len(points) >= 2 and points[-1]["params"] != points[-2]["params"]:
+            a, b = points[-2], points[-1]
+            slope = (b["sparsity"] - a["sparsity"]) / (b["params"] - a["params"])
+            s = b["sparsity"] + (target_params - b["params"]) * slope
+        else:  # kept params scale about like the kept fraction: one proportional step
+            s = 1 - (1 - p["sparsity"]) * target_params / p["params"]
+        s = min(max(s, lo_s + 1e-3), (lo_s + hi_s) / 2 if s >= hi_s else hi_s - 1e-3)
+        try:
+            points.append(our_cell(arch, "macs", round(s, 5)))
+        except BadInputError as e:  # beyond what the MACs budget can remove: the largest reachable is named
+            print(f"{arch}: --budget macs --sparsity {s:.4f}: {e}", flush=True)
+            hi_s = s
+    best = min(points, key=lambda c: (c["params"] > 1.01 * target_params, abs(c["params"] - target_params)))
+    return best, [(c["sparsity"], c["params"]) for c in points]
+
+
+def measure(cells: list[dict], batch: int, rounds: int) -> list[dict]:
+    from stages.measure.latency import interleaved_latency
+    from stages.onnx_convert import runtime
+
+    sessions = [runtime.session(c["file"]) for c in cells]
+    times = interleaved_latency(sessions, (3, SIZE, SIZE), batch=batch, runs=rounds, budget_s=float("inf"))
+    return [{"p50": t["p50"], **({"ratio": t["ratio"]} if "ratio" in t else {})} for t in times]
+
+
+def run(arch: str, ratio: float, rounds: int) -> dict:
+    dense = dense_cell(arch)
+    peer = peer_cell(arch, ratio)
+    ours_params = our_cell(arch, "params", round(1 - peer["prunable_weights"] / dense["prunable_weights"], 5))
+    ours_macs = our_cell(arch, "macs", round(1 - peer["weight_macs"] / dense["weight_macs"], 5))
+    ours_size, search = same_params(arch, peer["params"], ours_macs)
+    labels = ["dense", "peer", "ours, params budget, peer's size", "ours, macs budget, peer's MACs",
+              "ours, macs budget, peer's size"]
+    cells = [dense, peer, ours_params, ours_macs, ours_size]
+    latency = {b: measure(cells, b, rounds) for b in (1, 32)}
+    rows = []
+    for i, (label, c) in enumerate(zip(labels, cells, strict=True)):
+        rows.append({"label": label, **{k: v for k, v in c.items() if k != "file"},
+                     "params_ratio": c["params"] / dense["params"], "macs_ratio": c["macs"] / dense["macs"],
+                     **{f"b{b}": latency[b][i] for b in latency}})
+    return {"arch": arch, "ratio": ratio, "rows": rows, "search": search}
+
+
+def render(results: list[dict], elapsed: float, rounds: int) -> str:
+    lines = [f"# bench-peer: our channel cut beside Torch-Pruning at {SIZE}×{SIZE}", "",
+             f"onnxruntime CPU ({platform.machine()}, {elapsed / 60:.1f} min), random init, 1000 classes. All files "
+             f"of a network run in the same interleaved rounds ({rounds} at batch 1 and at batch 32); latency "
+             "ratio = file ÷ dense per round, median (p10–p90). Ours: channel FORCE, 20 steps of 16 digits images, "
+             "blocks of 8, every cut proven against its masked model.", "",
+             "| model | method | params | MACs | latency ÷ dense, batch 1 | batch 32 |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for row in r["rows"][1:]:
+            lat = [f"{row[f'b{b}']['ratio']['median']:.3f} ({row[f'b{b}']['ratio']['p10']:.2f}–"
+                   f"{row[f'b{b}']['ratio']['p90']:.2f})" for b in (1, 32)]
+            lines.append(f"| {r['arch']} | {row['label']}: {row['method']} | {row['params_ratio']:.3f}× | "
+                         f"{row['macs_ratio']:.3f}× | {lat[0]} | {lat[1]} |")
+        lines.append("")
+        lines.append(f"- {r['arch']}: the search for the peer's size (sparsity, params): "
+                     + ", ".join(f"({s:.4f}, {p:,})" for s, p in r["search"]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archs", nargs="*", default=["resnet50", "mobilenet_v2"])
+    ap.add_argument("--ratio", type=float, default=0.5, help="the peer's channel pruning ratio")
+    ap.add_argument("--rounds", type=int, default=20)
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    results = []
+    for arch in a.archs:
+        results.append(run(arch, a.ratio, a.rounds))
+        print(render(results, time.perf_counter() - t0, a.rounds), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_peer.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "bench_peer.md").write_text(render(results, time.perf_counter() - t0, a.rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
