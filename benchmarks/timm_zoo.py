@@ -61,7 +61,7 @@ NOT_CLASSIFIERS = ("deepseek_vit", "gemma4_vit", "qwen3_vit")
 CLI = ["--sparsity", "0.9", "--method", "force", "--epochs", "1", "--max-steps", "2", "--steps", "2",
        "--mask-batch-size", "32", "--batch-size", "32", "--min-accuracy", "0", "--val-images", "64", "--no-prefect",
        "--json"]
-CHANNEL_CLI = [*CLI[2:], "--sparsity", "0.5", "--structure", "channel"]
+CHANNEL_CLI = [*CLI[2:], "--sparsity", "0.5", "--structure", "channel", "--budget", "params"]
 
 
 def _params_on_meta(name: str) -> int | None:
@@ -232,7 +232,8 @@ def coverage(results: dict) -> str:
            and not r["forms"][CHANNEL].get("attention") and f not in NOT_CNN}
     if not cnn:
         return ""
-    rows = ["", "Channel cut, 50% of the weights (FORCE, channel structure), convolutional families:", "",
+    rows = ["", "Channel cut, 50% of the weights (FORCE, `--structure channel --budget params`), CNN families:",
+            "",
             "| family | model | outcome | params | MACs | latency, batch 1 |", "| --- | --- | --- | --- | --- | --- |"]
     for family, c in cnn.items():
         ratios = [f"{c[k]:.2f}x" if c.get(k) is not None else "" for k in ("params_ratio", "macs_ratio",

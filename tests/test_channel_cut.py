@@ -461,3 +461,28 @@ def test_residual_of_concat_and_single_tensor_splits_the_single_tensor():
     cut, rel = _check_cut(model, analysis, keep)
     assert rel < TOL
     assert next(t for t in cut.graph.initializer if t.name == "wc").dims[0] == 2 * keep[analysis.groups[0].name].sum()
+
+
+def test_a_layer_norm_over_the_channels_is_sliced_and_normalises_the_kept_ones():
+    """ConvNeXt/MetaFormer's channels-last LayerNorm: its scale and bias go with the channels; cut, it normalises
+    over the kept channels, and the masked reference (Gather around it) computes the same."""
+    nodes = [oh.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="stem", pads=[1, 1, 1, 1]),
+             oh.make_node("Transpose", ["c0"], ["t0"], perm=[0, 2, 3, 1]),
+             oh.make_node("LayerNormalization", ["t0", "ln_s", "ln_b"], ["n0"], name="ln", axis=-1),
+             oh.make_node("Transpose", ["n0"], ["t1"], perm=[0, 3, 1, 2]),
+             oh.make_node("Conv", ["t1", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c1"], ["r1"]), *_head("r1")]
+    model = _model(nodes, {"w0": _w(16, 3, 3, 3), "b0": _w(16), "ln_s": 1 + _w(16, seed=1), "ln_b": _w(16, seed=2),
+                           "w1": _w(8, 16, 3, 3), "fc": _w(10, 8), "fc_b": _w(10)})
+    analysis = analyze_channels(model)
+    stem = next(g for g in analysis.groups if g.producers == ("stem",))
+    assert {("ln_s", "param"), ("ln_b", "param")} <= {(s.initializer, s.kind) for s in stem.slices}
+    assert [(n.node, n.axis) for n in analysis.norms] == [("ln", 3)]
+    assert not any(b.node == "ln" for b in analysis.blocked)
+    keep = _random_keep(analysis, seed=2)
+    assert not keep[stem.name].all()
+    cut, rel = _check_cut(model, analysis, keep)
+    assert rel < TOL
+    # zeroing alone would not do: the pruned channels' zeros would enter the norm's mean and variance
+    zeroed = mask_channels(model, analysis.__class__(analysis.groups, analysis.blocked), keep)
+    assert _rel(_outputs(zeroed, _input(model)), _outputs(cut, _input(model))) > 1e-3

@@ -15,6 +15,7 @@ from stages.onnx_convert.channels.model import (
     Blocked,
     ChannelAnalysis,
     ChannelLayout,
+    ChannelNorm,
     ChannelSegment,
     GraphChannelGroup,
     Plan,
@@ -151,4 +152,6 @@ def _finish(b: ChannelBuilder) -> Plan:
                      if any(n is not None for n, _, _ in seg_names(b.current(lay))))
     group_fixes = tuple(f for f in b.group_fixes
                         if any(s.initializer == f.weight and s.axis == 0 for g in groups for s in g.slices))
-    return Plan(ChannelAnalysis(tuple(groups), tuple(b.blocked)), tensor_groups, reshapes, group_fixes)
+    norms = tuple(ChannelNorm(node_name(b.graph.node[k]), b.current(lay).axis, seg_names(b.current(lay)))
+                  for k, lay in b.norms if any(n is not None for n, _, _ in seg_names(b.current(lay))))
+    return Plan(ChannelAnalysis(tuple(groups), tuple(b.blocked), norms), tensor_groups, reshapes, group_fixes)

@@ -56,6 +56,7 @@ class ChannelBuilder:
         self.blocked: list[Blocked] = []
         self.reshapes: list[tuple[int, int, ChannelLayout]] = []
         self.group_fixes: list[GroupFix] = []
+        self.norms: list[tuple[int, ChannelLayout]] = []  # LayerNormalization over the channels: node index, layout
         self.splits: dict[int, tuple[int, int]] = {}  # set -> (the set of its 1/k channels, k): see split_set
         self.index = -1  # the node being handled
         self._const_cache: dict[str, np.ndarray | None] = {}

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from stages.onnx_convert.channels.analysis import analyze
+from stages.onnx_convert.channels.builder import node_name
 from stages.onnx_convert.channels.model import ChannelAnalysis, GraphChannelGroup, Plan
 from stages.onnx_convert.passes._graph import fresh_name
 
@@ -66,6 +67,7 @@ def mask_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mappi
                 zero.setdefault(s.initializer, []).append((s.axis, _entries(g, s, pruned)))
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _gather_around_norms(out, analysis, keep)
     for t in out.graph.initializer:
         if t.name not in zero:
             continue
@@ -78,6 +80,51 @@ def mask_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mappi
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
         t.doc_string = doc
     return out
+
+
+def _gather_around_norms(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray]) -> None:
+    """Each LayerNormalization over channels that lost some: normalise the kept channels alone (Gather them, with
+    the scale and bias sliced), then put them back in place with zeros where the pruned ones were (Pad one zero,
+    Gather). What the cut model computes; zeroed channels inside the normalisation would change its statistics."""
+    graph = model.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {
+        i.name for i in graph.input}
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    by_name = {n.node: n for n in analysis.norms}
+    for node in graph.node:
+        norm = by_name.get(node_name(node)) if node.op_type == "LayerNormalization" else None
+        kept = None if norm is None else np.concatenate(
+            [np.repeat(keep.get(name, np.ones(size, bool)), block) for name, size, block in norm.segs])
+        if kept is None or kept.all():
+            nodes.append(node)
+            continue
+        index = np.flatnonzero(kept)
+        back = np.full(kept.size, index.size, dtype=np.int64)  # pruned entries read the padded zero
+        back[index] = np.arange(index.size)
+        names = {k: fresh_name(taken, f"{node.name}__kept_{k}") for k in ("index", "x", "y", "pads", "padded", "back")}
+        taken.update(names.values())
+        for role in (1, 2):
+            if len(node.input) > role and node.input[role]:
+                sliced = numpy_helper.to_array(inits[node.input[role]])[index]
+                name = fresh_name(taken, f"{node.input[role]}__kept")
+                taken.add(name)
+                graph.initializer.append(numpy_helper.from_array(sliced, name))
+                node.input[role] = name
+        rank = norm.axis + 1  # the channel axis is the last
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[rank + norm.axis] = 1
+        graph.initializer.extend([numpy_helper.from_array(index.astype(np.int64), names["index"]),
+                                  numpy_helper.from_array(pads, names["pads"]),
+                                  numpy_helper.from_array(back, names["back"])])
+        x, y = node.input[0], node.output[0]
+        nodes.append(onnx.helper.make_node("Gather", [x, names["index"]], [names["x"]], axis=norm.axis))
+        node.input[0], node.output[0] = names["x"], names["y"]
+        nodes.append(node)
+        nodes.append(onnx.helper.make_node("Pad", [names["y"], names["pads"]], [names["padded"]]))
+        nodes.append(onnx.helper.make_node("Gather", [names["padded"], names["back"]], [y], axis=norm.axis))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _kept_entries(analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray],

@@ -42,9 +42,21 @@ class Blocked:
 
 
 @dataclass(frozen=True)
+class ChannelNorm:
+    """A LayerNormalization over the channel axis alone (ConvNeXt's, MetaFormer's channels-last norms): cut, it
+    normalises over the kept channels, which zeroing cannot reproduce; the masked reference gathers the kept
+    channels around it instead (`cut.mask_channels`)."""
+
+    node: str
+    axis: int
+    segs: tuple[tuple[str | None, int, int], ...]  # (group name or None when never cut, channels, block)
+
+
+@dataclass(frozen=True)
 class ChannelAnalysis:
     groups: tuple[GraphChannelGroup, ...]
     blocked: tuple[Blocked, ...]
+    norms: tuple[ChannelNorm, ...] = ()
 
     def describe(self) -> str:
         """The groups and blocked nodes, one line each, for a person to read what moves together."""

@@ -1,5 +1,6 @@
 """Channel handlers of the normalisations: BatchNormalization/InstanceNormalization (per-channel parameters and
-statistics), LayerNormalization and Softmax/LogSoftmax/Hardmax (blocked when they normalise across channels)."""
+statistics), LayerNormalization (sliced when it normalises over the channels alone, blocked over more axes) and
+Softmax/LogSoftmax/Hardmax (blocked when they normalise across channels)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,23 @@ def _norm(b: ChannelBuilder, node: onnx.NodeProto) -> None:
 
 @channel_handler("LayerNormalization")
 def _layer_norm(b: ChannelBuilder, node: onnx.NodeProto) -> None:
+    """Over the channel axis alone (the last), its scale and bias are sliced with the channels and the cut model
+    normalises over the kept ones (recorded in `b.norms` for the masked reference); over more axes, blocked."""
     lay, r = b.layout(node.input[0]), b.rank(node.input[0])
     if lay is None:
         return
-    if r is None or lay.axis >= nonneg_axis(int(attr(node, "axis", -1)), r):
-        b.block(lay, node, "LayerNormalization normalises across the channels")
+    params = [n for n in node.input[1:3] if n]
+    if r is None:
+        b.block(lay, node, "rank unknown to shape inference")
+    elif lay.axis < nonneg_axis(int(attr(node, "axis", -1)), r):
+        pass  # normalises within each channel's entries: the channels pass through
+    elif lay.axis == r - 1 == nonneg_axis(int(attr(node, "axis", -1)), r) and all(
+            b.float_initializer_dims(p) == (lay.width,) for p in params):
+        for p in params:
+            b.slice_layout(lay, p, 0, kind="param")
+        b.norms.append((b.index, lay))
+    else:
+        b.block(lay, node, "LayerNormalization normalises across the channels and other axes")
     b.set_layout(node.output[0], lay)  # blocked or not, the same channels come out
 
 
