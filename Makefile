@@ -9,6 +9,7 @@ MODEL ?= models/resnet18.onnx
 SPARSITY ?=
 METHOD ?=
 STRUCTURE ?=
+BUDGET ?=
 QUANTIZE ?=
 DATA ?=
 EPOCHS ?=
@@ -89,7 +90,7 @@ gpu-check: install
 
 compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
-		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) \
+		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \
 		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(PREPROCESSING),--preprocessing $(PREPROCESSING)) \
 		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
@@ -99,7 +100,7 @@ compress: install $(MODEL)
 sweep: install $(MODEL)
 	$(FC) sweep $(MODEL) $(if $(SPARSITIES),--sparsities $(SPARSITIES)) $(if $(METHODS),--methods $(METHODS)) \
 		$(if $(MAX_DROP),--max-drop $(MAX_DROP)) $(if $(JOBS),--jobs $(JOBS)) \
-		$(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(DATA),--data $(DATA)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) \
+		$(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(NPROC),--nproc $(NPROC)) \
 		$(if $(REGISTRY),--registry $(REGISTRY))
 

@@ -218,7 +218,7 @@ def table(results: dict) -> str:
         refused = sum(c["outcome"] == "refused" for c in made)
         stopped = sum(c["outcome"] == "stopped" for c in made)
         internal = len(made) - ok - refused - stopped
-        counts.append(f"{form}: {ok}/{len(made)} compressed ({ok / max(len(made), 1):.0%}), {refused} refused "
+        counts.append(f"{form}: {ok}/{len(made)} compressed ({ok / max(len(made), 1):.1%}), {refused} refused "
                       f"(exit 2), {stopped} stopped (exit 1), {internal} internal error, killed or timed out, "
                       f"{len(cases) - len(made)} not exported by torch")
     return "\n".join(rows) + "\n\n" + "\n".join(f"- {c}" for c in counts) + "\n" + coverage(results)
@@ -241,7 +241,7 @@ def coverage(results: dict) -> str:
         outcome = "cut" if c["outcome"] == "compressed" else f"{c['outcome']}: {c.get('why', '')[:120]}"
         rows.append(f"| {family} | {results[family]['model']} | {outcome} | " + " | ".join(ratios) + " |")
     cut = sum(c["outcome"] == "compressed" for c in cnn.values())
-    rows += ["", f"- channel: {cut}/{len(cnn)} convolutional families cut ({cut / len(cnn):.0%})"]
+    rows += ["", f"- channel: {cut}/{len(cnn)} convolutional families cut ({cut / len(cnn):.1%})"]
     return "\n".join(rows) + "\n"
 
 

@@ -72,8 +72,8 @@ def test_every_timm_family_compresses_from_every_export_form(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "timm_zoo.py"), "--out", str(tmp_path / "zoo")],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "timm_zoo.py"), "--out", str(tmp_path / "zoo"),
+                        "--forms", "torchscript,dynamo,onnxslim,channel"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((tmp_path / "zoo.json").read_text())
     for form in ("torchscript", "dynamo", "onnxslim"):
@@ -82,3 +82,11 @@ def test_every_timm_family_compresses_from_every_export_form(tmp_path):
         compressed = sum(c["outcome"] == "compressed" for c in made.values())
         assert not internal, (form, internal)
         assert compressed >= 0.95 * len(made), (form, compressed, len(made))
+    # the channel cut serves at least 80% of the convolutional families (no attention, not an MLP)
+    sys.path.insert(0, str(root / "benchmarks"))
+    from timm_zoo import CHANNEL, NOT_CNN
+
+    cnn = {f: e["forms"][CHANNEL] for f, e in results.items() if e["forms"][CHANNEL]["outcome"] != "no file"
+           and not e["forms"][CHANNEL].get("attention") and f not in NOT_CNN}
+    assert not {f for f, c in cnn.items() if c["outcome"] not in ("compressed", "refused", "stopped")}
+    assert sum(c["outcome"] == "compressed" for c in cnn.values()) >= 0.80 * len(cnn)
