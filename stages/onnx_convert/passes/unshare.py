@@ -26,10 +26,23 @@ from stages.onnx_convert.passes._graph import (
 )
 
 
-def _weight_slot(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto, index: int, name: str) -> bool:
+def _weight_slot(inits: dict[str, onnx.TensorProto], alias: dict[str, str], node: onnx.NodeProto, index: int,
+                 name: str) -> bool:
+    """Whether input `index` of `node`, naming initializer `name` (directly or through an Identity in `alias`), is
+    the node's weight."""
     t = inits.get(name)
     return (t is not None and t.data_type in FLOAT_TYPES and len(t.dims) >= 2
-            and weight_index(node, inits) == index)
+            and weight_index(node, _Constants(inits, alias)) == index)
+
+
+class _Constants:
+    """The names that hold an initializer: its own, and those of the Identity nodes that only rename it."""
+
+    def __init__(self, inits: dict[str, onnx.TensorProto], alias: dict[str, str]):
+        self.inits, self.alias = inits, alias
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inits or name in self.alias
 
 
 def run(model: onnx.ModelProto) -> list[str]:
@@ -64,7 +77,7 @@ def run(model: onnx.ModelProto) -> list[str]:
     def weight_of(node: onnx.NodeProto) -> str | None:
         for i, name in enumerate(node.input):
             root = alias.get(name, name)
-            if _weight_slot(inits, node, i, root):
+            if _weight_slot(inits, alias, node, i, root):
                 return root
         return None
 
@@ -72,7 +85,7 @@ def run(model: onnx.ModelProto) -> list[str]:
     claimed: set[str] = set()
     fresh, ties = 0, []
     for root, uses in slots.items():
-        if any(_weight_slot(inits, n, i, root) for n, i, _ in uses):
+        if any(_weight_slot(inits, alias, n, i, root) for n, i, _ in uses):
             for n, i, _ in uses:
                 n.input[i] = root
             if len({id(n) for n, _, _ in uses}) > 1:
@@ -127,7 +140,7 @@ def _untie_constant_weights(model: onnx.ModelProto, inits: dict[str, onnx.Tensor
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             root = alias.get(name, name)
-            if _weight_slot(inits, node, i, root):
+            if _weight_slot(inits, alias, node, i, root):
                 users.setdefault(root, []).append((node, i))
     taken = all_names(model.graph)
     untied = []
