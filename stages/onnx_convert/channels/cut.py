@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from stages.onnx_convert.channels.analysis import analyze
 from stages.onnx_convert.channels.builder import node_name
 from stages.onnx_convert.channels.model import ChannelAnalysis, GraphChannelGroup, Plan
-from stages.onnx_convert.passes._graph import fresh_name
+from stages.onnx_convert.passes._graph import add_initializer, all_names, fresh_name
 
 __all__ = ["cut_channels", "mask_channels"]
 
@@ -87,8 +87,7 @@ def _gather_around_norms(model: onnx.ModelProto, analysis: ChannelAnalysis, keep
     the scale and bias sliced), then put them back in place with zeros where the pruned ones were (Pad one zero,
     Gather). What the cut model computes; zeroed channels inside the normalisation would change its statistics."""
     graph = model.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {
-        i.name for i in graph.input}
+    taken = all_names(graph)
     inits = {t.name: t for t in graph.initializer}
     nodes = []
     by_name = {n.node: n for n in analysis.norms}
@@ -103,20 +102,17 @@ def _gather_around_norms(model: onnx.ModelProto, analysis: ChannelAnalysis, keep
         back = np.full(kept.size, index.size, dtype=np.int64)  # pruned entries read the padded zero
         back[index] = np.arange(index.size)
         names = {k: fresh_name(taken, f"{node.name}__kept_{k}") for k in ("index", "x", "y", "pads", "padded", "back")}
-        taken.update(names.values())
         for role in (1, 2):
             if len(node.input) > role and node.input[role]:
                 sliced = numpy_helper.to_array(inits[node.input[role]])[index]
                 name = fresh_name(taken, f"{node.input[role]}__kept")
-                taken.add(name)
-                graph.initializer.append(numpy_helper.from_array(sliced, name))
+                add_initializer(model, numpy_helper.from_array(sliced, name))
                 node.input[role] = name
         rank = norm.axis + 1  # the channel axis is the last
         pads = np.zeros(2 * rank, dtype=np.int64)
         pads[rank + norm.axis] = 1
-        graph.initializer.extend([numpy_helper.from_array(index.astype(np.int64), names["index"]),
-                                  numpy_helper.from_array(pads, names["pads"]),
-                                  numpy_helper.from_array(back, names["back"])])
+        for value, name in ((index.astype(np.int64), "index"), (pads, "pads"), (back, "back")):
+            add_initializer(model, numpy_helper.from_array(value, names[name]))
         x, y = node.input[0], node.output[0]
         nodes.append(onnx.helper.make_node("Gather", [x, names["index"]], [names["x"]], axis=norm.axis))
         node.input[0], node.output[0] = names["x"], names["y"]
