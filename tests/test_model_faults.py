@@ -104,6 +104,37 @@ def test_non_finite_weights_name_the_initializer(tmp_path, tiny_at_init):
         import_onnx(tmp_path / "nan.onnx", tmp_path)
 
 
+class _InfPaddedPool(nn.Module):
+    """A max pool padded with -inf by hand (NASNet, PNASNet, ResNetV2 stems): dynamo stores the -inf as a
+    one-entry initializer, the Pad's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.pad(self.conv(x), (1, 1, 1, 1), value=float("-inf")), 3, stride=2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_infinite_pad_value_is_a_bound_not_a_bad_weight_but_nan_there_is_refused(tmp_path):
+    path = tmp_path / "pad.onnx"
+    torch.onnx.export(_InfPaddedPool().eval(), (torch.zeros(2, 3, 16, 16),), str(path), dynamo=True,
+                      input_names=["input"], output_names=["out"],
+                      dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+    model = onnx.load(str(path))
+    inf = [t for t in model.graph.initializer if np.isinf(numpy_helper.to_array(t)).any()]
+    assert [t.dims for t in inf] in ([[]], [[1]]), "the exporter no longer writes the pad value as an initializer"
+
+    assert import_onnx(path, tmp_path / "ok").parity_max_rel <= 1e-4
+
+    inf[0].CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(inf[0]).shape, np.nan, np.float32),
+                                            inf[0].name))
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    with pytest.raises(BadInputError, match=f"initializer {inf[0].name!r} holds 1 NaN/Inf"):
+        import_onnx(tmp_path / "nan.onnx", tmp_path / "nan")
+
+
 def test_the_losses_of_a_softmax_output_equal_cross_entropy_of_its_logits():
     z, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
 

@@ -29,14 +29,26 @@ def check_opset(model: onnx.ModelProto) -> None:
                 f"{onnx.__version__} supports up to {limit}); re-export with --opset/opset_version ≤ {limit}")
 
 
+# Inputs where an infinity is a value the operator means (a max pool's padding, a clamp's open end, a mask's fill):
+# dynamo writes them as one-entry initializers.
+_BOUND_INPUTS = {"Pad": {2}, "Clip": {1, 2}, "Where": {1, 2}, "Max": None, "Min": None}
+
+
 def check_finite_weights(model: onnx.ModelProto) -> None:
-    """BadInputError naming the first float initializer holding NaN or Inf: parity would only say the outputs
-    disagree."""
+    """BadInputError naming the first float initializer holding NaN, or Inf outside a bound (`_BOUND_INPUTS`):
+    parity would only say the outputs disagree."""
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node.op_type, i))
     bad = []
     for t in model.graph.initializer:
         if t.data_type not in FLOAT_TYPES:
             continue
-        n = int(np.size(a := numpy_helper.to_array(t))) - int(np.count_nonzero(np.isfinite(a)))
+        a = numpy_helper.to_array(t)
+        bounds = bool(uses.get(t.name)) and all(
+            op in _BOUND_INPUTS and (_BOUND_INPUTS[op] is None or i in _BOUND_INPUTS[op]) for op, i in uses[t.name])
+        n = int(np.count_nonzero(np.isnan(a) if bounds else ~np.isfinite(a)))
         if n:
             bad.append((t.name, n, int(np.size(a))))
     if bad:
@@ -44,7 +56,6 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
         more = f" ({len(bad) - 1} more initializer(s) too)" if len(bad) > 1 else ""
         raise BadInputError(f"the model's weights are not finite: initializer {name!r} holds {n} NaN/Inf value(s) "
                             f"of {size}{more}; re-export the model from finite weights")
-
 
 
 def dims_of(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
