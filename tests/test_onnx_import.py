@@ -301,6 +301,44 @@ def test_layernorm_after_reshapes_around_a_dynamic_batch_takes_its_shape_from_th
     assert [tuple(m.normalized_shape) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)] == [(8,)]
 
 
+def test_a_parameter_the_converter_makes_up_stays_fixed_so_the_trained_file_matches_torch(tmp_path):
+    # dynamo writes a LayerNormalization without B (MetaFormer's norms have no bias); onnx2torch gives it a zero bias
+    # that the file has no initializer for: trained, torch and the exported file would disagree (0.19 relative)
+    from stages.export_onnx import export_onnx
+
+    class NoBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.ln, self.fc = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.LayerNorm(8, bias=False), \
+                torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.ln(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    torch.manual_seed(0)
+    src = tmp_path / "nobias.onnx"
+    torch.onnx.export(NoBias().eval(), (torch.zeros(2, 1, 8, 8),), str(src), dynamo=True, input_names=["input"],
+                      dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+    assert [len(n.input) for n in onnx.load(str(src)).graph.node if n.op_type == "LayerNormalization"] == [2]
+    result = import_onnx(src, tmp_path / "out")
+    module, pm = load_module(result.normalized_path)
+    made_up = dict(module.named_parameters())
+    assert pm.unmapped and all(not made_up[k].requires_grad for k in pm.unmapped if k in made_up)
+
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), torch.arange(16) % 10).backward()
+        opt.step()
+    torch.save(module.state_dict(), tmp_path / "trained.pt")
+    export_onnx(result.normalized_path, tmp_path / "trained.pt", tmp_path / "trained.onnx")
+    with torch.no_grad():
+        want = module.eval()(x).numpy()
+    got = runtime.run(runtime.session(tmp_path / "trained.onnx"), x.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 # --- pools with asymmetric pads: onnxruntime is the reference ----------------------------------------------------
 POOL_CASES = {
     "avg-pads-end-cip0": ("AveragePool", 11, (9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])),

@@ -268,6 +268,11 @@ def _make_trainable(gm: fx.GraphModule, model: onnx.ModelProto) -> ParamMap:
             prunable=s.role == "prunable")
         pm.canonical.setdefault(init, canonical_ids.get(id(tensor), key))
     pm.unmapped = tuple(k for k in state if k not in pm.entries)
+    for k in pm.unmapped:
+        # A parameter the converter made up (a LayerNormalization without B gets a zero bias): the file has nowhere
+        # to write it, so it stays what the graph says, as in the user's network.
+        if isinstance(state[k], nn.Parameter):
+            state[k].requires_grad_(False)
     return pm
 
 
