@@ -1,7 +1,9 @@
 """Every timm family as users bring it: the smallest model of each family (enumerated from timm: each module, and the
 families that share a module by name), at random init with 10 classes, exported three ways (TorchScript in eval mode
 with BatchNorm folded, the dynamo exporter, the TorchScript file simplified by onnxslim), and each file compressed by
-the real `force-compress` CLI in a subprocess: FORCE, 90% unstructured, 1 epoch of 2 steps on digits, no gate.
+the real `force-compress` CLI in a subprocess: FORCE, 90% unstructured, 1 epoch of 2 steps on digits, no gate. FORCE
+runs 2 steps to keep the run short; where masks of 2 steps cut the network, the case is run again at the method's
+default steps (what a user runs), and the table says so.
 
 An outcome is the CLI's exit code: 0 (published), 2 (refused with one line: counted as served honestly, not as
 compressed), 4 (an internal error: the failure the issue forbids), a timeout, or "no file" where the exporter itself
@@ -156,18 +158,27 @@ def run_case(name: str, form: str, work: Path) -> dict:
     args = [str(EXE), "compress", str(model), "--data", "digits", "--runs-dir", str(work / "runs"), "--registry",
             str(work / "registry"), "--name", f"{name}-{form}".replace("_", "-"),
             *(CHANNEL_CLI if form == CHANNEL else CLI)]
-    try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, cwd=work,
-                           env=ONE_CORE)
-    except subprocess.TimeoutExpired:
-        return {"outcome": "timeout", "size": size, "seconds": CASE_TIMEOUT_S}
-    try:
-        summary = json.loads(r.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        summary = {}
+    retried = None
+    for attempt in (args, _default_steps(args)):
+        try:
+            r = subprocess.run(attempt, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, cwd=work,
+                               env=ONE_CORE)
+        except subprocess.TimeoutExpired:
+            return {"outcome": "timeout", "size": size, "seconds": CASE_TIMEOUT_S}
+        try:
+            summary = json.loads(r.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            summary = {}
+        # 2 FORCE steps are this benchmark's shortcut, not what a user runs: masks that cut the network there are
+        # made again at the method's default steps, and the record says so
+        if r.returncode != 1 or "the masks cut the network" not in str(summary.get("message")) or retried:
+            break
+        retried = str(summary.get("message"))[:240]
     # exit 1 with no gate (--min-accuracy 0): the masks cut the network, training diverged, or parity failed
     outcome = {0: "compressed", 1: "stopped", 2: "refused"}.get(r.returncode, f"exit {r.returncode}")
     record = {"outcome": outcome, "exit_code": r.returncode, "size": size, "seconds": round(time.time() - t1, 1)}
+    if retried:
+        record["steps"], record["at_2_steps"] = "default", retried
     if form == CHANNEL:
         import onnx
 
@@ -185,6 +196,11 @@ def run_case(name: str, form: str, work: Path) -> dict:
     else:
         record["why"] = (summary.get("message") or (r.stderr.strip().splitlines() or ["?"])[-1])[:240]
     return record
+
+
+def _default_steps(args: list[str]) -> list[str]:
+    i = args.index("--steps")
+    return args[:i] + args[i + 2:]
 
 
 def _exception_line(stderr: str) -> str:
@@ -205,7 +221,8 @@ def table(results: dict) -> str:
         cells = []
         for form in FORMS:
             c = r["forms"].get(form)
-            cells.append("" if c is None else c["outcome"] + (f": {c['why'][:90]}" if c.get("why") else ""))
+            steps = " (default steps; 2 cut the network)" if c is not None and c.get("steps") == "default" else ""
+            cells.append("" if c is None else c["outcome"] + steps + (f": {c['why'][:90]}" if c.get("why") else ""))
         size = next((c["size"] for c in r["forms"].values() if c.get("size")), "")
         rows.append(f"| {family} | {r['model']} | {r['params'] / 1e6:.2f}M | {size} | " + " | ".join(cells) + " |")
     counts = []
