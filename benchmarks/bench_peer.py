@@ -7,8 +7,11 @@ For each torchvision network at 224×224 (random init, 1000 classes, as `bench_s
   `params`: the parameter budget at the peer's count of prunable weights;
   `macs`: the MACs budget (the default) at the peer's MACs per image;
   `macs, peer's size`: the MACs budget at the sparsity where our cut has the peer's parameters (a secant search
-  on the sparsity, each point a full mask computation; the search stops within 1% or after 4 points).
-All five files (dense, peer, ours ×3) run in the same interleaved rounds under onnxruntime CPU at batch 1 and 32;
+  on the sparsity, each point a full mask computation; the search stops within 1% or after 4 points);
+  `latency, peer's size`: the same under the latency budget (each layer timed alone at batch 32, cached);
+  `--target-latency`: the latency budget at the sparsity our own search finds for 0.45 (resnet50) or 0.5
+  (mobilenet_v2) of the dense latency at batch 32.
+All seven files (dense, peer, ours ×5) run in the same interleaved rounds under onnxruntime CPU at batch 1 and 32;
 parameters and MACs are read from the files.
 
     python benchmarks/bench_peer.py                          # resnet50 and mobilenet_v2
@@ -37,6 +40,7 @@ WORK = ROOT / "runs" / "bench_peer"
 SIZE = 224
 MULTIPLE = 8
 SEARCH_POINTS = 4
+TARGETS = {"resnet50": 0.45, "mobilenet_v2": 0.5}  # issue 26's --target-latency at batch 32
 
 
 def peer_cell(arch: str, ratio: float) -> dict:
@@ -72,14 +76,18 @@ def dense_cell(arch: str) -> dict:
     return {"method": "dense", "file": str(dense), **_costs(dense)}
 
 
-def our_cell(arch: str, budget: str, sparsity: float) -> dict:
-    """Channel FORCE under `budget` at `sparsity`: bench_structured's cell (compute_masks_stage, the proven cut)."""
+def our_cell(arch: str, budget: str, sparsity: float, target_latency: float | None = None) -> dict:
+    """Channel FORCE under `budget` at `sparsity` (or at the sparsity its search finds for `target_latency` at batch
+    32): bench_structured's cell (compute_masks_stage, the proven cut)."""
     from bench_structured import cut_cell
 
-    cell = cut_cell(arch, SIZE, sparsity, MULTIPLE, budget=budget)
-    return {"method": f"ours, channel FORCE, --budget {budget} --sparsity {sparsity:.4f}", "budget": budget,
-            "sparsity": sparsity, "file": cell["cut"], "mask_seconds": cell["mask_seconds"],
-            "parity_max_rel": cell["parity_max_rel"], **_costs(Path(cell["cut"]))}
+    cell = cut_cell(arch, SIZE, sparsity, MULTIPLE, budget=budget, target_latency=target_latency, latency_batch=32)
+    asked = f"--sparsity {sparsity:.4f}" if target_latency is None else \
+        f"--target-latency {target_latency:g} --latency-batch 32 (found --sparsity {cell['sparsity']:.4f})"
+    return {"method": f"ours, channel FORCE, --budget {budget} {asked}", "budget": budget,
+            "sparsity": cell["sparsity"], "file": cell["cut"], "mask_seconds": cell["mask_seconds"],
+            "parity_max_rel": cell["parity_max_rel"], "latency_probes": cell.get("latency_probes"),
+            **_costs(Path(cell["cut"]))}
 
 
 def _costs(path: Path) -> dict:
@@ -91,9 +99,9 @@ def _costs(path: Path) -> dict:
     return {"params": c.params, "prunable_weights": c.prunable_weights, "macs": c.macs, "weight_macs": c.weight_macs}
 
 
-def same_params(arch: str, target_params: int, start: dict) -> tuple[dict, list]:
-    """Our MACs-budget cut with the peer's parameter count: a secant search on the sparsity from `start` (the MACs
-    budget at the peer's MACs), kept params falling as the sparsity rises."""
+def same_params(arch: str, target_params: int, start: dict, budget: str = "macs") -> tuple[dict, list]:
+    """Our cut under `budget` with the peer's parameter count: a secant search on the sparsity from `start` (a cut
+    under that budget), kept params falling as the sparsity rises."""
     from pipeline.errors import BadInputError
 
     points = [start]
@@ -115,9 +123,9 @@ def same_params(arch: str, target_params: int, start: dict) -> tuple[dict, list]
             s = 1 - (1 - p["sparsity"]) * target_params / p["params"]
         s = min(max(s, lo_s + 1e-3), (lo_s + hi_s) / 2 if s >= hi_s else hi_s - 1e-3)
         try:
-            points.append(our_cell(arch, "macs", round(s, 5)))
-        except BadInputError as e:  # beyond what the MACs budget can remove: the largest reachable is named
-            print(f"{arch}: --budget macs --sparsity {s:.4f}: {e}", flush=True)
+            points.append(our_cell(arch, budget, round(s, 5)))
+        except BadInputError as e:  # beyond what the budget can remove: the largest reachable is named
+            print(f"{arch}: --budget {budget} --sparsity {s:.4f}: {e}", flush=True)
             hi_s = s
     best = min(points, key=lambda c: (c["params"] > 1.01 * target_params, abs(c["params"] - target_params)))
     return best, [(c["sparsity"], c["params"]) for c in points]
@@ -138,16 +146,22 @@ def run(arch: str, ratio: float, rounds: int) -> dict:
     ours_params = our_cell(arch, "params", round(1 - peer["prunable_weights"] / dense["prunable_weights"], 5))
     ours_macs = our_cell(arch, "macs", round(1 - peer["weight_macs"] / dense["weight_macs"], 5))
     ours_size, search = same_params(arch, peer["params"], ours_macs)
+    ours_latency, latency_search = same_params(arch, peer["params"], our_cell(arch, "latency", ours_size["sparsity"]),
+                                               budget="latency")
+    target = TARGETS.get(arch, 0.5)
+    ours_target = our_cell(arch, "latency", 0.5, target_latency=target)
     labels = ["dense", "peer", "ours, params budget, peer's size", "ours, macs budget, peer's MACs",
-              "ours, macs budget, peer's size"]
-    cells = [dense, peer, ours_params, ours_macs, ours_size]
+              "ours, macs budget, peer's size", "ours, latency budget, peer's size",
+              f"ours, latency budget, --target-latency {target:g} at batch 32"]
+    cells = [dense, peer, ours_params, ours_macs, ours_size, ours_latency, ours_target]
     latency = {b: measure(cells, b, rounds) for b in (1, 32)}
     rows = []
     for i, (label, c) in enumerate(zip(labels, cells, strict=True)):
         rows.append({"label": label, **{k: v for k, v in c.items() if k != "file"},
                      "params_ratio": c["params"] / dense["params"], "macs_ratio": c["macs"] / dense["macs"],
                      **{f"b{b}": latency[b][i] for b in latency}})
-    return {"arch": arch, "ratio": ratio, "rows": rows, "search": search}
+    return {"arch": arch, "ratio": ratio, "rows": rows, "search": search, "latency_search": latency_search,
+            "target": target}
 
 
 def render(results: list[dict], elapsed: float, rounds: int) -> str:
@@ -164,8 +178,12 @@ def render(results: list[dict], elapsed: float, rounds: int) -> str:
             lines.append(f"| {r['arch']} | {row['label']}: {row['method']} | {row['params_ratio']:.3f}× | "
                          f"{row['macs_ratio']:.3f}× | {lat[0]} | {lat[1]} |")
         lines.append("")
-        lines.append(f"- {r['arch']}: the search for the peer's size (sparsity, params): "
-                     + ", ".join(f"({s:.4f}, {p:,})" for s, p in r["search"]))
+        for key, budget in (("search", "macs"), ("latency_search", "latency")):
+            lines.append(f"- {r['arch']}: the search for the peer's size under --budget {budget} (sparsity, params): "
+                         + ", ".join(f"({s:.4f}, {p:,})" for s, p in r.get(key, ())))
+        probes = r["rows"][-1].get("latency_probes") or []
+        lines.append(f"- {r['arch']}: --target-latency {r.get('target')} probes (sparsity, ratio at batch 32): "
+                     + ", ".join(f"({p['sparsity']:.4f}, {p['ratio']:.3f})" for p in probes))
     return "\n".join(lines) + "\n"
 
 

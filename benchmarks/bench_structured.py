@@ -60,9 +60,10 @@ def quick_from_env() -> bool:
 # --------------------------------------------------------------------------------------------- speed
 
 
-def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str = "params") -> dict:
+def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str = "params",
+             target_latency: float | None = None, latency_batch: int = 1) -> dict:
     """Export, import, channel FORCE masks under `budget` and the proven cut of one network; cached in its work
-    directory."""
+    directory. `target_latency`: the sparsity is searched for that latency ratio at `latency_batch` instead."""
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_graph
@@ -74,7 +75,8 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
     if not (base / "normalized.onnx").exists():
         export_torchvision(arch, dense, num_classes=1000, input_size=(size, size))
         import_onnx(dense, base)
-    out = base / (f"channel-{sparsity:g}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}")
+    what = f"{sparsity:g}" if target_latency is None else f"target{target_latency:g}-b{latency_batch}"
+    out = base / (f"channel-{what}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}")
                   + ("" if budget == "params" else f"-{budget}"))
     done = out / "cut.json"
     if done.exists():
@@ -85,11 +87,14 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
     batches = mask_batches(splits, MASK_BATCH, MASK_STEPS, seed=0)
     masks = compute_masks_stage(base / "normalized.onnx", out / "masks.npz", method="force", density=1 - sparsity,
                                 steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel",
-                                channel_multiple=multiple, budget=budget)
+                                channel_multiple=multiple, budget=budget, latency_batch=latency_batch,
+                                target_latency=target_latency)
     t_masks = time.perf_counter() - t0
+    meta = json.loads(masks.meta_path.read_text())
     images = batches[0][0][:8].numpy()
     cut = cut_graph(base / "normalized.onnx", masks.masks_path, out, images=images)
-    cell = {"arch": arch, "size": size, "sparsity": sparsity, "multiple": multiple, "budget": budget,
+    cell = {"arch": arch, "size": size, "sparsity": meta["target_sparsity"], "multiple": multiple, "budget": budget,
+            "latency_probes": meta.get("latency_probes"),
             "dense": str(dense),
             "cut": str(cut.cut_path),
             "weights_removed": 1 - cut.costs_after["prunable_weights"] / cut.costs_before["prunable_weights"],
@@ -98,7 +103,7 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
             "macs_cut": cut.costs_after["macs"], "params_dense": cut.costs_before["params"],
             "params_cut": cut.costs_after["params"], "bytes_dense": dense.stat().st_size,
             "bytes_cut": cut.cut_path.stat().st_size, "mask_seconds": round(t_masks, 1),
-            "blocked": json.loads(masks.meta_path.read_text()).get("blocked", [])}
+            "blocked": meta.get("blocked", [])}
     done.write_text(json.dumps(cell, indent=1))
     return cell
 

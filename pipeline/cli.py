@@ -139,12 +139,15 @@ def _echo_json(obj) -> None:
               help="single weights, or whole channels (masks.json then lists the kept channels of each group)")
 @click.option("--channel-multiple", type=int, default=_config_default("channel_multiple"), show_default=True,
               help="channel structure: channels kept in blocks of this many per group")
-@click.option("--budget", type=click.Choice(["params", "macs"]), default=None,
-              help="what --sparsity removes: weights, or MACs per image [default: macs for channels, else params]")
+@click.option("--budget", type=click.Choice(["params", "macs", "latency"]), default=None,
+              help="what --sparsity removes: weights, MACs per image, or the layers' time measured on onnxruntime "
+                   "[default: macs for channels, else params]")
+@click.option("--latency-batch", type=int, default=_config_default("latency_batch"), show_default=True,
+              help="--budget latency: the batch the layers are timed at")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
-              train_norm, min_per_layer, structure, channel_multiple, budget, out):
+              train_norm, min_per_layer, structure, channel_multiple, budget, latency_batch, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     from stages.run.tools import masks_for
 
@@ -152,7 +155,7 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
                        batch_size=batch_size, batches_per_step=batches_per_step,
                        image_size=tuple(image_size) if image_size else None, seed=seed, train_norm=train_norm,
                        min_per_layer=min_per_layer, structure=structure, channel_multiple=channel_multiple,
-                       budget=budget)
+                       budget=budget, latency_batch=latency_batch)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")
@@ -335,10 +338,18 @@ def _print_summary(summary: dict) -> None:
         click.echo("validation gate FAILED, nothing published:")
         for f in summary["failures"]:
             click.echo(f"  - {f}")
+    target = summary.get("latency_target")
+    if target:
+        click.echo(f"  latency ÷ input at batch {target['batch']}: {target['ratio']:.3f} (p10–p90 {target['p10']:.3f}–"
+                   f"{target['p90']:.3f}; target {target['target']:g}), found at sparsity "
+                   f"{summary['target_sparsity']:.4f}")
     if summary.get("budget") == "macs":
         before, after = (summary["costs"].get(k, {}).get("weight_macs") or 0 for k in ("input", "exported"))
         removed = f"MACs removed {1 - after / max(before, 1):.4f} (target {summary['target_sparsity']:g}), " \
                   f"weights removed {summary['sparsity']:.4f}"
+    elif summary.get("budget") == "latency":
+        removed = f"priced layer time removed: target {summary['target_sparsity']:.4g}, weights removed " \
+                  f"{summary['sparsity']:.4f}"
     else:
         removed = f"sparsity {summary['sparsity']:.4f} (target {summary['target_sparsity']:g})"
     click.echo(f"  top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  {removed}  onnxruntime on "

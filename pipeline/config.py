@@ -34,9 +34,9 @@ def resolve_budget(budget: str | None, structure: str) -> str:
     single weights. Raises ValueError for a MACs budget on single weights."""
     if budget is None:
         return "macs" if structure == "channel" else "params"
-    if budget == "macs" and structure != "channel":
-        raise ValueError("--budget macs needs --structure channel: zeros inside dense weights do not lower the MACs "
-                         "a runtime computes")
+    if budget in ("macs", "latency") and structure != "channel":
+        raise ValueError(f"--budget {budget} needs --structure channel: zeros inside dense weights do not lower the "
+                         "MACs or the time a runtime computes")
     return budget
 
 
@@ -67,10 +67,18 @@ class CompressConfig(BaseModel):
     schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
     channel_multiple: int = Field(8, ge=1, description="channel structure: channels are kept in blocks of this many "
                                                        "per layer group (runtimes run 8 or 16 at a time)")
-    budget: Literal["params", "macs"] | None = Field(
-        None, description="channel structure: what --sparsity removes: params (weights: the file's size) or macs "
-                          "(multiply-accumulates per image: the time the cut model takes, where activations are "
-                          "large). Default: macs for --structure channel, params otherwise")
+    budget: Literal["params", "macs", "latency"] | None = Field(
+        None, description="channel structure: what --sparsity removes: params (weights: the file's size), macs "
+                          "(multiply-accumulates per image, where activations are large) or latency (each layer's "
+                          "time, measured alone on onnxruntime at --latency-batch and cached). Default: macs for "
+                          "--structure channel, params otherwise")
+    latency_batch: int = Field(1, ge=1, le=4096, description="channel structure: the batch the model serves at; "
+                                                               "--budget latency and --target-latency time it there")
+    target_latency: float | None = Field(
+        None, gt=0.0, lt=1.0, description="channel structure: the cut model's latency as a fraction of the input's "
+                                          "at --latency-batch on onnxruntime (e.g. 0.45); the sparsity is searched "
+                                          "for it instead of taken from --sparsity, and the gate checks the measured "
+                                          "ratio")
     mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
     mask_batch_size: int = Field(128, ge=1, description="images per pruning mini-batch")
     min_per_layer: int = Field(1, ge=0, description="weights every prunable layer keeps at least (0: none, as the "
@@ -174,6 +182,9 @@ class CompressConfig(BaseModel):
     @model_validator(mode="after")
     def _budget(self) -> CompressConfig:
         object.__setattr__(self, "budget", resolve_budget(self.budget, self.structure))
+        if self.target_latency is not None and self.structure != "channel":
+            raise ValueError("--target-latency needs --structure channel: zeros inside dense weights do not make "
+                             "the model faster on onnxruntime")
         return self
 
     def with_recipe(self, recipe: str, attention: bool = False) -> CompressConfig:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
@@ -25,7 +26,10 @@ from pipeline.data import mask_batches
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
 from pipeline.stage import DATA_FIELDS, Stage
-from stages.onnx_convert.channels import Plan, analyze
+from stages.measure.latency import interleaved_latency
+from stages.measure.layer_prices import latency_prices
+from stages.onnx_convert import runtime
+from stages.onnx_convert.channels import Plan, analyze, cut_channels
 from stages.onnx_convert.costs import macs_per_weight
 from stages.onnx_convert.mask_file import effective_sidecar, save_masks
 from stages.onnx_convert.param_map import ParamMap
@@ -62,7 +66,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
                         calibrate_norms: bool = False, on_collapse: str = "nested", collapse_ratio: float | None = None,
                         min_per_layer: int = 0, structure: str = "unstructured",
-                        channel_multiple: int = 1, output_kind: str = "logits", budget: str = "params") -> MaskResult:
+                        channel_multiple: int = 1, output_kind: str = "logits", budget: str = "params",
+                        latency_batch: int = 1, target_latency: float | None = None) -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses);
@@ -73,7 +78,10 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     sidecar lists the kept channels of each group, which the cut stage removes from the graph; `channel_multiple`:
     they are kept in blocks of that many per group; `budget="macs"`: `density` is the fraction of the prunable
     weights' multiply-accumulates per image kept, not of the weights (channels are then priced by what they
-    compute: a channel at 56×56 costs 64 times one at 7×7)."""
+    compute: a channel at 56×56 costs 64 times one at 7×7); `budget="latency"`: of the weight layers' time, each
+    layer timed alone on onnxruntime at `latency_batch` images (`stages.measure.layer_prices`).
+    `target_latency`: the density is searched for (`_latency_search`) so that the cut model runs in at most that
+    fraction of the input's time at `latency_batch` on onnxruntime; `density` is then not used."""
     if method not in force_core.available_methods(structure):
         known = ", ".join(sorted(force_core.available_methods(structure)))
         kind = "" if structure == "unstructured" else f"{structure} "
@@ -100,12 +108,21 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     if structure == "channel":
         graph = onnx.load(str(normalized_path))
         plan = analyze(graph)
-        maskset, channel_meta = _channel_masks(module, graph, plan, param_map, batches, method=method,
-                                               density=density, steps=steps, schedule=schedule,
-                                               batches_per_step=batches_per_step, seed=seed, progress=progress,
-                                               multiple=channel_multiple, loss_fn=LOSSES[output_kind],
-                                               costs=_macs_costs(graph, param_map, batches[0][0]) if budget == "macs"
-                                               else None)
+        costs = _budget_costs(budget, graph, param_map, batches[0][0], batch=latency_batch, device=device,
+                              multiple=channel_multiple)
+
+        def masks_at(d: float):
+            return _channel_masks(module, graph, plan, param_map, batches, method=method, density=d, steps=steps,
+                                  schedule=schedule, batches_per_step=batches_per_step, seed=seed,
+                                  progress=progress, multiple=channel_multiple, loss_fn=LOSSES[output_kind],
+                                  costs=costs, unit=BUDGET_UNITS[budget])
+
+        if target_latency is None:
+            maskset, channel_meta = masks_at(density)
+        else:
+            density, maskset, channel_meta = _latency_search(masks_at, graph, plan, tuple(batches[0][0].shape[1:]),
+                                                             target=target_latency, batch=latency_batch,
+                                                             device=str(device))
     else:
         maskset, channel_meta = _unstructured_masks(
             module, param_map, batches, method=method, density=density, steps=steps, schedule=schedule,
@@ -141,14 +158,81 @@ def _unstructured_masks(module, param_map: ParamMap, batches, *, collapse_ratio,
     return maskset, {}
 
 
-def _macs_costs(model: onnx.ModelProto, param_map: ParamMap, images: torch.Tensor) -> dict[str, int]:
-    """Prunable parameter -> the MACs one of its weights performs per image at the images' size; a weight whose
-    shapes inference could not settle is priced as one MAC."""
-    per_weight = macs_per_weight(model, tuple(int(d) for d in images.shape[1:]))
+def _budget_costs(budget: str, model: onnx.ModelProto, param_map: ParamMap, images: torch.Tensor, *, batch: int,
+                  device, multiple: int) -> dict[str, int] | None:
+    """Prunable parameter -> what one of its weights costs under `budget` at the images' size: the MACs it performs
+    per image ("macs"), the picoseconds its layer spends on it at `batch` images on onnxruntime ("latency"); None for
+    "params" (each weight costs one). A weight whose shapes inference could not settle costs one unit."""
+    shape = tuple(int(d) for d in images.shape[1:])
+    if budget == "macs":
+        per_weight = macs_per_weight(model, shape)
+    elif budget == "latency":
+        per_weight = latency_prices(model, shape, batch=batch, device=str(device), multiple=multiple)
+    else:
+        return None
     return {n: per_weight.get(param_map.to_initializer(n), 1) for n in param_map.prunable}
 
 
-def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamMap, batches, **kwargs):
+# The search aims this far under the target: a ratio measured again (validation, 30 interleaved rounds) moves by a few
+# percent on a loaded machine, and the gate checks that measurement.
+LATENCY_AIM = 0.97
+LATENCY_PROBES = 5
+
+
+def _latency_search(masks_at, model: onnx.ModelProto, plan: Plan, input_shape: tuple[int, ...], *, target: float,
+                    batch: int, device: str):
+    """(density, masks, sidecar entries) of the largest density whose cut model, timed against the uncut one in
+    interleaved rounds at `batch` images, runs at most LATENCY_AIM × `target` of its time: secant steps on the
+    measured ratio from (density 1, ratio 1), at most LATENCY_PROBES mask computations. BadInputError naming the
+    fastest ratio measured when none reaches `target`."""
+    aim = LATENCY_AIM * target
+    full = runtime.session(model.SerializeToString(), device=device)
+    probes: list[dict] = []
+    found: dict[float, tuple] = {}
+    points = [(1.0, 1.0)]
+    density = target
+    for _ in range(LATENCY_PROBES):
+        try:
+            maskset, meta = masks_at(density)
+        except BadInputError:
+            if density >= 0.999:
+                raise
+            density = min(0.999, density * 1.5)  # below every group's floor: come back up
+            continue
+        keep = {name: np.isin(np.arange(size), meta["channels"].get(name, range(size)))
+                for name, size in meta["channel_sizes"].items()}
+        cut = cut_channels(model, plan.analysis, keep, plan=plan)
+        timed = interleaved_latency([full, runtime.session(cut.SerializeToString(), device=device)], input_shape,
+                                    batch=batch, runs=15, budget_s=6.0)
+        ratio = timed[1]["ratio"]["median"]
+        probes.append({"sparsity": round(1 - density, 6), "ratio": round(ratio, 4)})
+        found[density] = (maskset, meta, ratio)
+        if aim - 0.03 <= ratio <= aim:
+            break
+        (d0, r0), (d1, r1) = points[-1], (density, ratio)
+        points.append((d1, r1))
+        slope = (r1 - r0) / (d1 - d0) if d1 != d0 else 0.0
+        step = (aim - r1) / slope if slope > 1e-6 else -0.5 * d1
+        density = float(min(0.999, max(0.005, d1 + step, d1 / 4)))
+    met = [d for d, (_, _, r) in found.items() if r <= target]
+    if not met:
+        best = min(probes, key=lambda p: p["ratio"]) if probes else None
+        fastest = f"; the fastest measured was {best['ratio']:.3f} at sparsity {best['sparsity']:.4f}" if best else ""
+        raise BadInputError(f"--target-latency {target:g} at batch {batch} is out of reach{fastest} (the layers no "
+                            "channel cut reaches take the rest); give a higher --target-latency")
+    within = [d for d in met if found[d][2] <= aim] or met
+    density = max(within)
+    maskset, meta, ratio = found[density]
+    return density, maskset, {**meta, "target_latency": target, "latency_batch": batch, "latency_probes": probes,
+                              "latency_ratio": round(ratio, 4)}
+
+
+BUDGET_UNITS = {"params": "prunable weights", "macs": "MACs per image of the prunable weights",
+                "latency": "picoseconds of the prunable layers' time"}
+
+
+def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamMap, batches, *,
+                   unit: str = BUDGET_UNITS["params"], **kwargs):
     """Channel masks over the groups the graph analysis `plan` of `model` finds; the sidecar entries that the cut
     stage reads."""
     analysis = plan.analysis
@@ -164,7 +248,6 @@ def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamM
     try:
         result = force_core.compute_channel_masks(module, batches, groups, params=param_map.prunable, **kwargs)
     except ChannelFloorError as e:
-        unit = "prunable weights" if kwargs.get("costs") is None else "MACs per image of the prunable weights"
         raise BadInputError(_floor_message(e, unit)) from None
     except ValueError as e:  # force_core checks its arguments with ValueError: user input here
         raise BadInputError(str(e)) from None
@@ -272,7 +355,8 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
             device=resolve_device(config.device), train_norm=config.train_norm,
             calibrate_norms=config.recipe == "finetune", on_collapse=config.on_collapse,
             min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
-            output_kind=output_kind, budget=config.budget,
+            output_kind=output_kind, budget=config.budget, latency_batch=config.latency_batch,
+            target_latency=config.target_latency,
         )
     finally:
         bar.close()
@@ -281,4 +365,4 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
 STAGE = Stage("masks", masks_stage, outputs=(RunFiles.MASKS, RunFiles.MASKS_META),
               reads=DATA_FIELDS | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
                                    "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple",
-                                   "budget", "train_norm", "recipe", "device"})
+                                   "budget", "latency_batch", "target_latency", "train_norm", "recipe", "device"})

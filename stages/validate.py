@@ -21,7 +21,7 @@ from pipeline.config import CompressConfig
 from pipeline.data import data_record
 from pipeline.devices import resolve_device
 from pipeline.stage import DATA_FIELDS, Stage
-from stages.measure.forms import Form, by_role, int8_sparse_form, measure_forms
+from stages.measure.forms import BATCHES, Form, by_role, int8_sparse_form, measure_forms
 from stages.measure.gate import form_checks, gate
 from stages.measure.report import ValidationReport, read_history, render_markdown, write_plot
 from stages.onnx_convert import runtime
@@ -93,7 +93,8 @@ def validate(
         int8_compact, why = int8_sparse_form(Path(int8_path), run_dir / RunFiles.INT8_COMPACT, x)
         forms += [Form("int8_compact", int8_compact)] if int8_compact else []
         int8_info["int8_sparse_initializers"] = why or "onnxruntime runs it with the INT8 file's outputs"
-    measured = measure_forms(forms, val, input_shape, device=device, runs=latency_runs)
+    batches = tuple(sorted({*BATCHES, config.latency_batch}))
+    measured = measure_forms(forms, val, input_shape, device=device, runs=latency_runs, batches=batches)
     roles = by_role(measured)
     top1, top5 = roles["fp32"]["top1"], roles["fp32"]["top5"]  # the exported file, scored once with the other forms
     exported_b1 = roles["fp32"]["latency_ms"]["1"]
@@ -106,8 +107,9 @@ def validate(
              "exported": model_costs(model, input_shape).to_dict()}
     if uncut is not None:  # a channel cut: sparsity counts what is gone from the uncut model's weights
         sparsity = removed_sparsity(sparsity, file_sparsity(uncut))
-    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel, costs=costs) + form_checks(config,
-                                                                                                          measured)
+    side = _masks_meta(masks_path)
+    checks = gate(config, top1=top1, sparsity=sparsity, parity_rel=parity_rel, costs=costs, masks_meta=side,
+                  latency=roles["fp32"]["latency_ms"]) + form_checks(config, measured)
 
     report = ValidationReport(
         exported_path=str(exported_path),
@@ -118,7 +120,7 @@ def validate(
         n_val=len(val),
         top1=top1,
         top5=top5,
-        target_sparsity=config.sparsity,
+        target_sparsity=target_sparsity(config, side),
         sparsity=sparsity,
         parity_max_abs=parity_abs,
         parity_max_rel=parity_rel,
@@ -152,13 +154,25 @@ def removed_sparsity(cut: FileSparsity, uncut: FileSparsity) -> FileSparsity:
                         uncut.params_total - params_nonzero)
 
 
+def _masks_meta(masks_path) -> dict:
+    """masks.json beside `masks_path`, or {}."""
+    side = Path(masks_path).with_suffix(".json") if masks_path else None
+    return json.loads(side.read_text()) if side is not None and side.exists() else {}
+
+
+def target_sparsity(config, masks_meta: dict) -> float:
+    """What the run was asked to remove: --sparsity, or what the --target-latency search settled on."""
+    if config.target_latency is not None and "target_sparsity" in masks_meta:
+        return float(masks_meta["target_sparsity"])
+    return config.sparsity
+
+
 def _from_masks_sidecar(masks_path) -> dict:
     """effective_density, cut_layers, train_norm_layers and collapse_step from masks.json beside `masks_path`
     (each absent in older sidecars)."""
-    side = Path(masks_path).with_suffix(".json") if masks_path else None
-    if side is None or not side.exists():
+    meta = _masks_meta(masks_path)
+    if not meta:
         return {}
-    meta = json.loads(side.read_text())
     out = {"train_norm_layers": tuple(meta.get("train_norm_layers", ())), "collapse_step": meta.get("collapse_step")}
     if meta.get("structure") == "channel":
         out["channels"] = {k: meta[k] for k in ("channels_kept", "channels_total", "blocked") if k in meta}
@@ -216,4 +230,5 @@ def validate_stage(exported, trained, masks, config, run_dir: str, data, graph: 
 
 STAGE = Stage("validate", validate_stage, outputs=(RunFiles.REPORT_JSON, RunFiles.REPORT_MD),
               reads=DATA_FIELDS | {"model", "name", "image_size", "device", "method", "sparsity", "min_accuracy",
-                                   "baseline_accuracy", "max_drop", "parity_tol", "max_steps", "budget"})
+                                   "baseline_accuracy", "max_drop", "parity_tol", "max_steps", "budget",
+                                   "latency_batch", "target_latency"})

@@ -102,11 +102,97 @@ def test_a_method_without_a_channel_form_is_refused_up_front(tiny_at_init, tmp_p
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_a_macs_budget_on_single_weights_is_refused_up_front(tiny_at_init, tmp_path):
-    r = _cli([tiny_at_init, "--budget", "macs", "--sparsity", "0.5", "--no-prefect"], tmp_path)
+@pytest.mark.parametrize("given, said", [(["--budget", "macs"], "--budget macs needs --structure channel"),
+                                         (["--budget", "latency"], "--budget latency needs --structure channel"),
+                                         (["--target-latency", "0.5"], "--target-latency needs --structure channel")])
+def test_a_compute_or_time_budget_on_single_weights_is_refused_up_front(given, said, tiny_at_init, tmp_path):
+    r = _cli([tiny_at_init, *given, "--sparsity", "0.5", "--no-prefect"], tmp_path)
 
-    assert r.returncode == 2 and "--budget macs needs --structure channel" in r.stderr
+    assert r.returncode == 2 and said in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def _wide_cnn():
+    """Convolutions at 32×32 whose time grows with their channels (the tiny CNN's is mostly overhead)."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 10))
+
+
+LATENCY = ["--structure", "channel", "--method", "magnitude", "--epochs", "1", "--max-steps", "2", "--batch-size",
+           "32", "--min-accuracy", "0", "--latency-batch", "8", "--no-prefect", "--json"]
+
+
+def test_a_latency_target_is_searched_for_and_the_gate_checks_the_measured_ratio(tmp_path, to_onnx):
+    model = to_onnx(_wide_cnn(), tmp_path / "wide.onnx", size=32)
+    env_cache = tmp_path / "cache"
+
+    r = subprocess.run([str(Path(sys.executable).parent / "force-compress"), "compress", model, *LATENCY,
+                        "--target-latency", "0.6", "--budget", "latency"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "FORCE_COMPRESS_CACHE": str(env_cache)})
+
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    run_dir = tmp_path / s["run_dir"]
+    meta = json.loads((run_dir / "masks.json").read_text())
+    probes = meta["latency_probes"]
+    # the search: the chosen density is a probe's, timed under the aim, and the largest such
+    assert 1 <= len(probes) <= 5 and meta["latency_ratio"] <= 0.97 * 0.6
+    chosen = next(p for p in probes if p["sparsity"] == pytest.approx(s["target_sparsity"], abs=1e-6))
+    assert chosen["ratio"] == meta["latency_ratio"]
+    assert all(p["sparsity"] >= chosen["sparsity"] for p in probes if p["ratio"] <= 0.97 * 0.6)
+    # the gate: the published figure is measured again on the exported file, and it alone decides
+    target = s["latency_target"]
+    assert target["target"] == 0.6 and target["batch"] == 8 and target["p10"] <= target["ratio"] <= target["p90"]
+    report = json.loads((run_dir / "report.json").read_text())
+    check = next(c for c in report["checks"] if c["name"] == "latency")
+    assert check["passed"] == (target["ratio"] <= 0.6) == (r.returncode == 0)
+    assert not any(c["name"] == "sparsity" for c in report["checks"])
+    assert f"{target['ratio']:.3f}" in check["message"] and "vs target 0.6" in check["message"]
+    fp32 = next(f for f in s["forms"] if f["role"] == "fp32")
+    assert "p50_ms_batch8" in fp32  # timed at the batch asked for, beside 1 and 32
+    assert json.loads((env_cache / "layer_latency.json").read_text())  # per-layer prices, cached
+
+
+def test_a_latency_target_out_of_reach_exits_2_naming_the_fastest_ratio(tmp_path, to_onnx):
+    model = to_onnx(_wide_cnn(), tmp_path / "wide.onnx", size=32)
+
+    r = _cli([model, *LATENCY, "--target-latency", "0.01"], tmp_path)
+
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = json.loads(r.stdout)["message"]
+    assert line.startswith("--target-latency 0.01 at batch 8 is out of reach; the fastest measured was ")
+    assert "give a higher --target-latency" in line and "Traceback" not in r.stderr
+
+
+def test_layer_prices_time_every_weight_layer_once_and_read_the_cache_after(tmp_path, monkeypatch):
+    from stages.measure import layer_prices
+    from stages.onnx_convert.costs import macs_per_weight
+    from stages.onnx_convert.torchvision_export import export_torchvision
+
+    # depthwise and 1×1 convolutions, a Linear: each layer is timed alone with half its output channels
+    path = export_torchvision("mobilenet_v2", tmp_path / "mnv2.onnx", num_classes=10, input_size=(32, 32))
+    model = onnx.load(str(path))
+    made = []
+    session = layer_prices.runtime.session
+    monkeypatch.setattr(layer_prices.runtime, "session", lambda *a, **k: made.append(1) or session(*a, **k))
+
+    prices = layer_prices.latency_prices(model, (3, 32, 32), batch=2, multiple=8, cache_dir=tmp_path, runs=5,
+                                         budget_s=0.2)
+
+    assert set(prices) == set(macs_per_weight(model, (3, 32, 32)))
+    assert all(isinstance(v, int) and v >= 1 for v in prices.values())
+    cache = json.loads((tmp_path / "layer_latency.json").read_text())
+    assert len(made) == 2 * len(cache) and len(cache) >= 10  # the same layer shape is timed once
+    assert all(e["removed"] > 0 for e in cache.values())
+    made.clear()
+    again = layer_prices.latency_prices(model, (3, 32, 32), batch=2, multiple=8, cache_dir=tmp_path, runs=5,
+                                        budget_s=0.2)
+    assert again == prices and made == []
 
 
 def test_model_costs_count_resnet18_macs_and_parameters(tmp_path):

@@ -37,8 +37,10 @@ class Form:
     scores: tuple[float, float] | None = None  # (top-1, top-5) on the same held-out split, when already measured
 
 
-def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "cpu", runs: int = 30) -> list[dict]:
-    """One record per form (in the order given; the first is the reference of the latency ratios)."""
+def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "cpu", runs: int = 30,
+                  batches: tuple[int, ...] = BATCHES) -> list[dict]:
+    """One record per form (in the order given; the first is the reference of the latency ratios), timed at each of
+    `batches`."""
     sessions = [runtime.session(f.path, device=device) for f in forms]
     # what we publish also goes through the second runtime; every form still unscored is scored in one pass
     openvino = {i: compile_openvino(f.path) for i, f in enumerate(forms) if f.role != "input"}
@@ -61,7 +63,7 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
         if i in openvino:  # does the second runtime read it, with the same top-1?
             ov = scored_record(ov_scores[i], top1, len(val)) if i in ov_scores else openvino[i][1]
             records[-1].update(openvino=ov, onnxruntime_only=onnxruntime_only(ov))
-    for batch in BATCHES:
+    for batch in batches:
         timed = interleaved_latency(sessions, input_shape, batch=batch, runs=runs, budget_s=8.0)
         for record, t in zip(records, timed, strict=True):
             record["latency_ms"][str(batch)] = t

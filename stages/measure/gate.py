@@ -17,10 +17,12 @@ class GateCheck:
     message: str
 
 
-def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float, costs: dict | None = None
-         ) -> list[GateCheck]:
+def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float, costs: dict | None = None,
+         masks_meta: dict | None = None, latency: dict | None = None) -> list[GateCheck]:
     """Each condition of the gate with whether it passed and, when not, by how much it missed. Under a MACs budget
-    `costs` ({"input"|"exported": Costs.to_dict()}) gives the MACs the sparsity is checked on."""
+    `costs` ({"input"|"exported": Costs.to_dict()}) gives the MACs the sparsity is checked on; under a latency budget
+    `masks_meta` (masks.json) the priced time kept. With --target-latency the exported file's latency ratio at
+    --latency-batch (`latency`: its latency_ms record by batch) is checked instead of a sparsity."""
     checks = [
         GateCheck(
             "min_accuracy",
@@ -37,8 +39,12 @@ def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float, cost
             f"accuracy drop {drop:.4f} from baseline {config.baseline_accuracy:.4f} vs allowed {config.max_drop:.4f}"
             + ("" if ok else f" (over by {drop - config.max_drop:.4f})"),
         ))
-    if config.budget == "macs":
+    if config.target_latency is not None:
+        checks.append(_latency_check(config, latency or {}))
+    elif config.budget == "macs":
         checks.append(_macs_check(config, costs or {}))
+    elif config.budget == "latency":
+        checks.append(_priced_check(config, masks_meta or {}))
     else:
         checks.append(_weights_check(config, sparsity))
     ok = parity_rel <= config.parity_tol  # False for NaN
@@ -62,6 +68,29 @@ def _macs_check(config, costs: dict) -> GateCheck:
         "sparsity", ok,
         f"MACs removed {removed / max(before, 1):.4f} ({after:,} of {before:,} per image left in the weight layers) "
         f"vs target {config.sparsity:.4f}" + ("" if ok else f" (short by {math.ceil(wanted - 1 - removed):,} MACs)"))
+
+
+def _priced_check(config, meta: dict) -> GateCheck:
+    """The weight layers' time as priced by their measured per-layer latencies (masks.json: kept_cost of
+    total_cost): what a latency budget removes; the file's own latency is measured beside it, not gated."""
+    kept, total = meta.get("kept_cost"), meta.get("total_cost")
+    removed = 1 - kept / total if kept is not None and total else 0.0
+    ok = bool(total) and removed + 1 / total >= config.sparsity - 1e-12
+    return GateCheck(
+        "sparsity", ok,
+        f"priced layer time removed {removed:.4f} (per-layer latencies at batch {config.latency_batch}) vs target "
+        f"{config.sparsity:.4f}" + ("" if ok else f" (short by {config.sparsity - removed:.4f})"))
+
+
+def _latency_check(config, latency: dict) -> GateCheck:
+    """The exported file's latency ÷ the input's at --latency-batch, the median of interleaved rounds."""
+    ratio = ((latency.get(str(config.latency_batch)) or {}).get("ratio") or {}).get("median")
+    ok = ratio is not None and ratio <= config.target_latency
+    shown = "not measured" if ratio is None else f"{ratio:.3f}"
+    return GateCheck(
+        "latency", ok,
+        f"latency ÷ input at batch {config.latency_batch} {shown} vs target {config.target_latency:g}"
+        + ("" if ok or ratio is None else f" (over by {ratio - config.target_latency:.3f})"))
 
 
 def _weights_check(config, sparsity: FileSparsity) -> GateCheck:

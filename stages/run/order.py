@@ -61,7 +61,9 @@ class RunSummary:
     report_md: str = ""
     effective_density: float | None = None  # kept weights on an input→output path / all prunable
     structure: str = "unstructured"
-    budget: str = "params"  # what target_sparsity counts: weights ("params") or weight-layer MACs per image ("macs")
+    budget: str = "params"  # what target_sparsity counts: weights, weight-layer MACs per image, or priced layer time
+    # --target-latency: {"target", "batch", "ratio" (the exported file ÷ the input, median of interleaved rounds)}
+    latency_target: dict | None = None
     costs: dict = field(default_factory=dict)  # {"input"|"exported": params, non-zero params, MACs per image}
     forms: list = field(default_factory=list)  # each form measured: role, file, size, gzip, top-1, p50 at batch 1/32
     reused: tuple[str, ...] = ()  # stages whose cached result was reused, in run order
@@ -186,10 +188,11 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
         model=config.model, name=config.model_name, run_dir=rd, passed=report.passed,
         published=published is not None, version=published.version if published else None,
         registry_path=published.path if published else None, top1=report.top1, top5=report.top5,
-        sparsity=report.sparsity.sparsity, target_sparsity=config.sparsity, provider=report.provider,
+        sparsity=report.sparsity.sparsity, target_sparsity=report.target_sparsity, provider=report.provider,
         sizes=report.sizes, latency_ms=report.latency_ms, failures=report.failures, stage_seconds=step.seconds,
         report_md=report.report_md, effective_density=t.masks.effective_density, structure=config.structure,
         budget=config.budget, costs=report.costs, forms=[_form_summary(f) for f in report.forms],
+        latency_target=_latency_target(config, report),
         reused=tuple(step.reused),
         input_top1=request.input_top1, baseline_accuracy=config.baseline_accuracy if config.max_drop is not None
         else None, normalization=data.normalization, report=report,
@@ -198,6 +201,15 @@ def run_all(config: CompressConfig, run_stage: RunStage, *, request: Request | N
     )
     write_json_atomic(run_dir / RunFiles.SUMMARY, summary.to_dict())
     return summary
+
+
+def _latency_target(config: CompressConfig, report) -> dict | None:
+    if config.target_latency is None:
+        return None
+    fp32 = next(f for f in report.forms if f["role"] == "fp32")
+    ratio = fp32["latency_ms"][str(config.latency_batch)]["ratio"]
+    return {"target": config.target_latency, "batch": config.latency_batch, "ratio": ratio["median"],
+            "p10": ratio["p10"], "p90": ratio["p90"]}
 
 
 def _form_summary(form: dict) -> dict:
