@@ -66,7 +66,7 @@ def _sweep(**params) -> dict:
 signature_from_config(_sweep, "force_compress_sweep",
                       "Compress an ONNX classifier at several sparsities (and methods), tabulate and plot top-1 "
                       "against size and latency, and publish the sparsest model that passes its gate.",
-                      exclude=("sparsity", "method"), extra=SWEEP_PARAMETERS)
+                      exclude=("sparsity", "method", "target_latency"), extra=SWEEP_PARAMETERS)
 
 force_compress_sweep = flow(_sweep, name=FLOW_NAME, log_prints=True, persist_result=False, validate_parameters=True)
 

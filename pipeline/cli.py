@@ -444,7 +444,7 @@ def compress(model: str, as_json: bool, no_prefect: bool, **fields) -> None:
 @click.option("--methods", default="force", show_default=True, help="comma-separated mask methods (as --method)")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="cells run at once (each trains on its own; 1 on a small CPU)")
-@functools.partial(_config_options, exclude=("model", "sparsity", "method"))
+@functools.partial(_config_options, exclude=("model", "sparsity", "method", "target_latency"))
 @click.option("--json", "as_json", is_flag=True, help="print one machine-readable summary on stdout")
 @click.option("--no-prefect", is_flag=True, help="run the stages as plain calls, without the Prefect flow")
 @_handle_errors
