@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from force_core.batches import BatchStream
+from force_core.collapse import COLLAPSE_RATIO, OutputSpread, check_collapse_args
 from force_core.engine import check_run_args, numerics, training_mode
 from force_core.maskset import MaskSet
 from force_core.params import prunable_parameters
@@ -251,8 +252,14 @@ class ChannelContext(ScheduleMixin):
         seed: int,
         progress: Progress | None,
         multiple: int = 1,
+        on_collapse: str = "nested",
+        collapse_ratio: float = COLLAPSE_RATIO,
     ):
         self.model, self.layout, self.groups, self.batches = model, layout, list(groups), batches
+        self.on_collapse, self.spread = on_collapse, OutputSpread(collapse_ratio)
+        self.collapse_step: int | None = None  # the step whose saliencies found the network collapsed
+        self._previous: torch.Tensor | None = None
+        self._last_x: torch.Tensor | None = None
         self.density, self.steps, self.schedule_kind = density, steps, schedule
         self.loss_fn, self.batches_per_step, self.seed, self.progress = loss_fn, batches_per_step, seed, progress
         self.device = layout.device
@@ -304,7 +311,10 @@ class ChannelContext(ScheduleMixin):
         ws = [masked[n].requires_grad_(True) for n in self.layout.scored]
         total = None
         for x, y in self.batches.take(self.batches_per_step):
-            loss = self.loss_fn(functional_call(self.model, {**masked, **self.buffers}, (x,)), y)
+            out = functional_call(self.model, {**masked, **self.buffers}, (x,))
+            self.spread.record(out)
+            self._last_x = x
+            loss = self.loss_fn(out, y)
             grads = torch.autograd.grad(loss, ws, allow_unused=True)
             grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, ws, strict=True)]
             total = grads if total is None else torch._foreach_add(total, grads)
@@ -331,6 +341,30 @@ class ChannelContext(ScheduleMixin):
     def drop_pruned_(self) -> None:
         """Give pruned channels the minimum score: they never come back (nested masks)."""
         self.scores.masked_fill_(self.keep.logical_not(), -math.inf)
+
+    # ---- collapse (force_core.collapse): judged on the masked network, which computes what the cut one does
+    def collapsed(self) -> bool:
+        """Whether the last forward pass (`saliency`'s) found the outputs no longer spread over the batch."""
+        return self.spread.collapsed()
+
+    @torch.no_grad()
+    def keep_collapsed(self) -> bool:
+        """`collapsed` for the current channel mask, from one forward pass without gradients on the last batch."""
+        masks = self.read_layout.element_masks(self.keep, [n for n in self.theta0 if self.read_layout.dims.get(n)])
+        masked = {n: self.theta0[n] * masks[n] if n in masks else self.theta0[n] for n in self.theta0}
+        self.spread.record(functional_call(self.model, {**masked, **self.buffers}, (self._last_x,)))
+        return self.collapsed()
+
+    def remember_keep_(self) -> None:
+        self._previous = self.keep.clone()
+
+    @torch.no_grad()
+    def restore_keep_(self) -> bool:
+        """Back to the channels `remember_keep_` kept; False when none were."""
+        if self._previous is None:
+            return False
+        self.keep.copy_(self._previous)
+        return True
 
     # ---- selection
     @torch.no_grad()
@@ -381,11 +415,31 @@ class ChannelContext(ScheduleMixin):
 def channel_force(ctx: ChannelContext) -> None:
     """FORCE on channels: each step ranks ALL channels by their saliency at the current channel mask (dense
     θ0), so a channel pruned at an earlier step can come back when its saliency there beats a kept one's
-    (its consumers' gradients score it, see `saliency`)."""
+    (its consumers' gradients score it, see `saliency`).
+
+    With `ctx.on_collapse == "nested"`, the weight methods' guard (methods.force): once a step finds the masked
+    network no longer depending on its input, the channels go back to those before the last selection and every
+    remaining step selects nested, as Iterative SNIP does; the final channels are checked the same way."""
+    guard = ctx.on_collapse == "nested"
+    nested = False
     for t, d, k in ctx.schedule():
         ctx.saliency()
+        if guard and not nested and ctx.collapsed():
+            nested, ctx.collapse_step = True, t
+            if ctx.restore_keep_():
+                ctx.saliency()
+        if nested:
+            ctx.drop_pruned_()
+        elif guard:
+            ctx.remember_keep_()
         ctx.keep_top(k)
         ctx.report(t, ctx.steps, density=d, kept=ctx.kept_cost)
+    if guard and not nested and ctx.keep_collapsed() and ctx.restore_keep_():
+        ctx.collapse_step = ctx.steps + 1
+        ctx.saliency()
+        ctx.drop_pruned_()
+        ctx.keep_top(ctx.k)
+        ctx.report(ctx.steps, ctx.steps, density=ctx.density, kept=ctx.kept_cost)
 
 
 @register_method("iter_snip", structure="channel", default_steps=20)
@@ -450,6 +504,8 @@ def compute_channel_masks(
     loss_fn: Callable | None = None,
     multiple: int = 1,
     costs: Mapping[str, int] | None = None,
+    on_collapse: str = "nested",
+    collapse_ratio: float = COLLAPSE_RATIO,
 ) -> ChannelMasks:
     """Channel masks at initialization for `model`: the most channels (by the rule of `keep_top`) whose kept
     prunable weights stay within k = round(density·N), N the weights of `params` (None: Conv/Linear weights).
@@ -465,6 +521,8 @@ def compute_channel_masks(
     - `steps`: None means the method's default (20 for force/iter_snip; single-shot methods take one).
     - `multiple`: channels are kept in blocks of this many per group (see `ChannelContext.keep_top`); a group of
       at most `multiple` channels is kept whole.
+    - `on_collapse`, `collapse_ratio`: channel FORCE's guard against a masked network that no longer depends on
+      its input, as `compute_masks`' (see `channel_force`).
 
     The masks in `masks` cover `params` only: a caller that trains the masked network rather than cutting it
     also masks the biases and norm parameters of the pruned channels (`channel_element_masks`).
@@ -473,6 +531,7 @@ def compute_channel_masks(
     """
     started = time.perf_counter()
     check_run_args(density, schedule, steps, batches_per_step)
+    check_collapse_args(on_collapse, collapse_ratio)
     spec = get_method(method, structure="channel")
     prunable = prunable_parameters(model, params=params)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -528,6 +587,8 @@ def compute_channel_masks(
             seed=seed,
             progress=progress,
             multiple=multiple,
+            on_collapse=on_collapse,
+            collapse_ratio=collapse_ratio,
         )
         spec.fn(ctx)
 
@@ -558,6 +619,8 @@ def compute_channel_masks(
         "batches_per_step": batches_per_step,
         "seed": seed,
         "multiple": multiple,
+        "on_collapse": on_collapse,
+        "collapse_step": ctx.collapse_step,
         "step_losses": [round(v, 6) for v in ctx.losses],
         "seconds": round(time.perf_counter() - started, 3),
         "numerics": numerics(device),

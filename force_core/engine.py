@@ -21,15 +21,13 @@ from torch import nn
 from torch.func import functional_call
 
 from force_core.batches import BatchStream
+from force_core.collapse import COLLAPSE_RATIO, OutputSpread, check_collapse_args
 from force_core.maskset import MaskSet
 from force_core.params import Selector, prunable_parameters
 from force_core.progress import SCHEDULES, Progress, ScheduleMixin, density_schedule, kept_count
 from force_core.registry import get_method
 from force_core.select import TiePriority, keep_top_k_, sample_indices
 
-COLLAPSE_RULES = ("nested", "none")
-# A network whose outputs spread over a batch less than this fraction of the dense network's is nearly cut.
-COLLAPSE_RATIO = 0.1
 _REFRESH_SLICE = 1 << 20  # entries per slice of the masked-weight refresh on CPU (4 MiB of float mask)
 
 
@@ -96,8 +94,7 @@ class PruningContext(ScheduleMixin):
         self.losses: list[float] = []
         self.on_collapse, self.collapse_ratio = on_collapse, collapse_ratio
         self.collapse_step: int | None = None  # the step whose saliencies found the network collapsed
-        self._spread: torch.Tensor | None = None
-        self._spread_dense: torch.Tensor | None = None
+        self.spread = OutputSpread(collapse_ratio)
         self._previous: torch.Tensor | None = None
         self._last_batch = batches.first
 
@@ -172,18 +169,8 @@ class PruningContext(ScheduleMixin):
         tensors = dict(zip(self.names, weights, strict=True))
         tensors.update(self.buffers)
         out = functional_call(self.model, tensors, (x,))
-        self._record_dependence(out)
+        self.spread.record(out)
         return self.loss_fn(out, y)
-
-    @torch.no_grad()
-    def _record_dependence(self, out: torch.Tensor) -> None:
-        """How far the outputs of the batch spread around their mean (0: they no longer depend on the input);
-        the first forward pass, at the dense network, sets the reference."""
-        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] > 1:
-            out = out.detach().float()
-            self._spread = (out - out.mean(0, keepdim=True)).abs().amax()
-            if self._spread_dense is None:
-                self._spread_dense = self._spread.clone()
 
     # ---- collapse
     def collapsed(self) -> bool:
@@ -193,9 +180,7 @@ class PruningContext(ScheduleMixin):
         picks among ties (issue 11: FORCE from ~2.5% density on a narrow VGG19, spread 4.4 at the dense
         network, 0.70, 0.08, then exactly 0 over its last steps). Zero saliencies alone are no sign: at 32×32
         most taps of an ImageNet network's last stage see only padding (FORCE.md)."""
-        if self._spread is None or self._spread_dense is None:
-            return False
-        return float(self._spread) <= self.collapse_ratio * float(self._spread_dense)
+        return self.spread.collapsed()
 
     @torch.no_grad()
     def mask_collapsed(self) -> bool:
@@ -203,7 +188,7 @@ class PruningContext(ScheduleMixin):
         (after the last step: the batch stream and the loss function see nothing of it)."""
         tensors = dict(zip(self.names, self.masked_weights, strict=True))
         tensors.update(self.buffers)
-        self._record_dependence(functional_call(self.model, tensors, (self._last_batch[0],)))
+        self.spread.record(functional_call(self.model, tensors, (self._last_batch[0],)))
         return self.collapsed()
 
     def gradients(self) -> list[torch.Tensor]:
@@ -349,10 +334,7 @@ def compute_masks(
     """
     check_run_args(density, schedule, steps, batches_per_step)
     spec = get_method(method)
-    if isinstance(collapse_ratio, bool) or not isinstance(collapse_ratio, (int, float)) or not 0 <= collapse_ratio < 1:
-        raise ValueError(f"collapse_ratio must be in [0, 1), got {collapse_ratio!r}")
-    if on_collapse not in COLLAPSE_RULES:
-        raise ValueError(f"on_collapse must be one of {', '.join(COLLAPSE_RULES)}, got {on_collapse!r}")
+    check_collapse_args(on_collapse, collapse_ratio)
     if not isinstance(min_per_layer, int) or min_per_layer < 0:
         raise ValueError(f"min_per_layer must be an integer >= 0, got {min_per_layer!r}")
 

@@ -115,7 +115,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
             return _channel_masks(module, graph, plan, param_map, batches, method=method, density=d, steps=steps,
                                   schedule=schedule, batches_per_step=batches_per_step, seed=seed,
                                   progress=progress, multiple=channel_multiple, loss_fn=LOSSES[output_kind],
-                                  costs=costs, unit=BUDGET_UNITS[budget])
+                                  costs=costs, unit=BUDGET_UNITS[budget], on_collapse=on_collapse,
+                                  **({} if collapse_ratio is None else {"collapse_ratio": collapse_ratio}))
 
         if target_latency is None:
             maskset, channel_meta = masks_at(density)

@@ -612,3 +612,35 @@ def test_groups_no_larger_than_the_multiple_are_kept_whole():
     model, groups, params = plain_net()
     with pytest.raises(ValueError, match="nothing is channel-prunable in blocks of 16"):
         compute_channel_masks(model, None, groups, method="magnitude", density=0.5, params=params, multiple=16)
+
+
+def relu_chain(depth: int = 8, width: int = 16, seed: int = 0):
+    """A deep narrow Conv-ReLU chain and its channel groups: channel FORCE at a few percent leaves its early layers
+    one channel each, and the outputs stop depending on the input."""
+    torch.manual_seed(seed)
+    layers, c = [], 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+        c = width
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    convs = [i for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
+    groups = [ChannelGroup(f"g{i}", width, (S(f"{i}.weight", 0), S(f"{i}.bias", 0),
+                                             S(f"{(convs + [len(model) - 1])[j + 1]}.weight", 1, consumer=True)))
+              for j, i in enumerate(convs)]
+    return model, groups
+
+
+def test_channel_force_records_a_collapse_and_leaves_a_healthy_run_as_the_paper_has_it():
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(12)]
+    model, groups = relu_chain()
+    runs = {rule: compute_channel_masks(model, data, groups, method="force", density=0.05, params=None, steps=10,
+                                        on_collapse=rule) for rule in ("none", "nested")}
+    assert runs["none"].meta["collapse_step"] is None and runs["none"].meta["on_collapse"] == "none"
+    assert 1 <= runs["nested"].meta["collapse_step"] <= 11  # found: the saliencies after it were ties at 0
+    healthy = {rule: compute_channel_masks(model, data, groups, method="force", density=0.5, params=None, steps=5,
+                                           on_collapse=rule) for rule in ("none", "nested")}
+    assert healthy["nested"].meta["collapse_step"] is None
+    assert all(torch.equal(healthy["none"].keep[k], healthy["nested"].keep[k]) for k in healthy["none"].keep)
+    with pytest.raises(ValueError, match="on_collapse must be one of nested, none"):
+        compute_channel_masks(model, data, groups, method="force", density=0.5, params=None, on_collapse="retry")
