@@ -135,6 +135,39 @@ def test_an_infinite_pad_value_is_a_bound_not_a_bad_weight_but_nan_there_is_refu
         import_onnx(tmp_path / "nan.onnx", tmp_path / "nan")
 
 
+class _StandardisedConv(nn.Module):
+    """timm's StdConv2d (NFNet, BiT): the convolution's weight is standardised at every call. Wide enough that the
+    dynamo exporter's optimizer does not fold it (it folds a few thousand entries, as it did the stem's in NFNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 1024, 3), nn.Linear(1024, 10)
+
+    def forward(self, x):
+        w = F.batch_norm(self.conv.weight.reshape(1, 1024, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.conv.weight)  # as timm writes it
+        return self.fc(F.conv2d(x, w, self.conv.bias).mean((2, 3)))
+
+
+def test_a_weight_computed_at_run_time_is_refused_naming_the_node_and_what_to_do(tmp_path):
+    path = tmp_path / "std.onnx"
+    torch.onnx.export(_StandardisedConv().eval(), (torch.zeros(2, 1, 8, 8),), str(path), dynamo=True,
+                      input_names=["input"], dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+    model = onnx.load(str(path))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert conv.input[1] not in {t.name for t in model.graph.initializer}
+
+    r = _run(["compress", str(path), *TINY, "--no-prefect"], tmp_path)
+
+    assert r.returncode == 2, r.stderr[-2000:]  # found by the import stage, which leaves nothing behind
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "registry").exists()
+    line = r.stderr.strip().splitlines()[-1]
+    assert line == (f"error: Conv at node '{conv.name}' takes its weight from the computed tensor '{conv.input[1]}' "
+                    "(weight standardisation or another run-time weight), not from a stored initializer; "
+                    "force-compress prunes stored weights: export the model with that computation folded into its "
+                    "weights")
+
+
 def test_the_losses_of_a_softmax_output_equal_cross_entropy_of_its_logits():
     z, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
 

@@ -51,8 +51,16 @@ def schema_version(op_type: str, domain: str, opset: int) -> int:
 def check_operators(model: onnx.ModelProto) -> None:
     """Raise UnsupportedOperatorError for the first node no converter exists for."""
     opsets = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}
+    stored = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
         domain = node.domain if node.domain != "ai.onnx" else ""
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] not in stored:
+            # weight standardisation (NFNet, BiT's StdConv) computes the weight at every call: a zero stored in
+            # the raw weight is not a zero after it, and onnx2torch converts only stored convolution weights
+            raise UnsupportedOperatorError(
+                f"{node.op_type} at node '{node.name}' takes its weight from the computed tensor '{node.input[1]}' "
+                "(weight standardisation or another run-time weight), not from a stored initializer; force-compress "
+                "prunes stored weights: export the model with that computation folded into its weights")
         if domain not in opsets:
             raise UnsupportedOperatorError(f"{node.op_type} in domain '{domain}' at node '{node.name}': "
                                            "the model imports no opset for that domain")
