@@ -55,12 +55,11 @@ def check_operators(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         domain = node.domain if node.domain != "ai.onnx" else ""
         if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] not in stored:
-            # weight standardisation (NFNet, BiT's StdConv) computes the weight at every call: a zero stored in
-            # the raw weight is not a zero after it, and onnx2torch converts only stored convolution weights
+            # one computed from stored tensors alone was folded (passes.computed_weights): this one reads the input
             raise UnsupportedOperatorError(
-                f"{node.op_type} at node '{node.name}' takes its weight from the computed tensor '{node.input[1]}' "
-                "(weight standardisation or another run-time weight), not from a stored initializer; force-compress "
-                "prunes stored weights: export the model with that computation folded into its weights")
+                f"{node.op_type} at node '{node.name}' takes its weight from the computed tensor '{node.input[1]}', "
+                "which depends on the model's input (a dynamic filter), not from a stored initializer; "
+                "force-compress prunes stored weights: export the model with fixed convolution weights")
         if domain not in opsets:
             raise UnsupportedOperatorError(f"{node.op_type} in domain '{domain}' at node '{node.name}': "
                                            "the model imports no opset for that domain")

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import onnx
 
-from stages.onnx_convert.passes import dynamic_batch, fold_constants, initializer_inputs, spellings, unshare
+from stages.onnx_convert.passes import (
+    computed_weights,
+    dynamic_batch,
+    fold_constants,
+    initializer_inputs,
+    spellings,
+    unshare,
+)
 
 # Order matters: constants become initializers before sharing is resolved, and the batch pass sees
 # the final initializers (Reshape targets held in Constant nodes are initializers by then).
-PASSES = (initializer_inputs.run, spellings.run, fold_constants.run, unshare.run, dynamic_batch.run)
+PASSES = (initializer_inputs.run, spellings.run, fold_constants.run, computed_weights.run, unshare.run,
+          dynamic_batch.run)
 
 
 def normalize(model: onnx.ModelProto) -> list[str]:
