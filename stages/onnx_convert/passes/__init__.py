@@ -16,7 +16,10 @@ from stages.onnx_convert.passes import (
 
 # Order matters: constants become initializers before sharing is resolved, and the batch pass sees
 # the final initializers (Reshape targets held in Constant nodes are initializers by then).
-PASSES = (initializer_inputs.run, spellings.run, fold_constants.run, computed_weights.run, unshare.run,
+# Computed weights are folded after unshare has resolved the Identity nodes that only rename a stored weight: a
+# weight fed through one is the exporter's de-duplication (unshare's to untie) or the model's own tie (kept), not a
+# computation to fold.
+PASSES = (initializer_inputs.run, spellings.run, fold_constants.run, unshare.run, computed_weights.run,
           dynamic_batch.run)
 
 

@@ -23,7 +23,8 @@ def run(model: onnx.ModelProto) -> list[str]:
     producers = {o: n for n in graph.node for o in n.output if o}
     wanted = dict.fromkeys(n.input[1] for n in graph.node
                            if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in producers)
-    cones = {name: cone for name in wanted if (cone := _stored_cone(name, producers, inits)) is not None}
+    cones = {name: cone for name in wanted if (cone := _stored_cone(name, producers, inits)) is not None
+             and any(n.op_type != "Identity" for n in cone)}  # a renamed stored weight is a tie, not a computation
     if not cones:
         return []
     order = {id(n): i for i, n in enumerate(graph.node)}
