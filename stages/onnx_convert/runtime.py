@@ -11,11 +11,14 @@ from pipeline.devices import ort_providers
 from pipeline.errors import InvalidModelError, UnsupportedOperatorError
 
 
-def session(model: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+def session(model: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None,
+            arena: bool = True) -> ort.InferenceSession:
     """A session on a path or serialised bytes; errors become InvalidModelError (an IR version onnxruntime
-    cannot read) or UnsupportedOperatorError, with onnxruntime's message. `threads` None: its default."""
+    cannot read) or UnsupportedOperatorError, with onnxruntime's message. `threads` None: its default. `arena`
+    False: the CPU memory arena is off, so a run's buffers are freed when it ends instead of kept for the next."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     try:
