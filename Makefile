@@ -12,6 +12,7 @@ STRUCTURE ?=
 BUDGET ?=
 TARGET_LATENCY ?=
 LATENCY_BATCH ?=
+WEIGHT_SPARSITY ?=
 QUANTIZE ?=
 DATA ?=
 EPOCHS ?=
@@ -94,6 +95,7 @@ compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \
 		$(if $(TARGET_LATENCY),--target-latency $(TARGET_LATENCY)) $(if $(LATENCY_BATCH),--latency-batch $(LATENCY_BATCH)) \
+		$(if $(WEIGHT_SPARSITY),--weight-sparsity $(WEIGHT_SPARSITY)) \
 		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(PREPROCESSING),--preprocessing $(PREPROCESSING)) \
 		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \

@@ -10,9 +10,13 @@ For each torchvision network at 224×224 (random init, 1000 classes, as `bench_s
   on the sparsity, each point a full mask computation; the search stops within 1% or after 4 points);
   `latency, peer's size`: the same under the latency budget (each layer timed alone at batch 32, cached);
   `--target-latency`: the latency budget at the sparsity our own search finds for 0.45 (resnet50) or 0.5
-  (mobilenet_v2) of the dense latency at batch 32.
-All seven files (dense, peer, ours ×5) run in the same interleaved rounds under onnxruntime CPU at batch 1 and 32;
-parameters and MACs are read from the files.
+  (mobilenet_v2) of the dense latency at batch 32;
+  `latency and weights budgets`: --target-latency at the peer's own ratio at batch 32 (timed first) with
+  --weight-sparsity at the peer's removed weights: the peer's size and speed at once.
+All eight files (dense, peer, ours ×6) run in the same interleaved rounds under onnxruntime CPU at batch 1 and 32;
+parameters and MACs are read from the files. For resnet50 the peer's file and our last one are then trained alike
+on digits (10 epochs of our scratch recipe, 3 seeds, at 64×64: 224×224 would take hours a run on a CPU) for top-1
+at equal size and latency.
 
     python benchmarks/bench_peer.py                          # resnet50 and mobilenet_v2
     python benchmarks/bench_peer.py --archs resnet50 --rounds 10
@@ -41,6 +45,10 @@ SIZE = 224
 MULTIPLE = 8
 SEARCH_POINTS = 4
 TARGETS = {"resnet50": 0.45, "mobilenet_v2": 0.5}  # issue 26's --target-latency at batch 32
+ACCURACY_ARCHS = ("resnet50",)  # issue 26's accuracy comparison at equal latency
+ACCURACY_SEEDS = (0, 1, 2)
+ACCURACY_EPOCHS = 10
+ACCURACY_SIZE = 64
 
 
 def peer_cell(arch: str, ratio: float) -> dict:
@@ -76,14 +84,19 @@ def dense_cell(arch: str) -> dict:
     return {"method": "dense", "file": str(dense), **_costs(dense)}
 
 
-def our_cell(arch: str, budget: str, sparsity: float, target_latency: float | None = None) -> dict:
+def our_cell(arch: str, budget: str, sparsity: float, target_latency: float | None = None,
+             weight_sparsity: float | None = None) -> dict:
     """Channel FORCE under `budget` at `sparsity` (or at the sparsity its search finds for `target_latency` at batch
-    32): bench_structured's cell (compute_masks_stage, the proven cut)."""
+    32; with `weight_sparsity` removing that many weights as well): bench_structured's cell (compute_masks_stage,
+    the proven cut)."""
     from bench_structured import cut_cell
 
-    cell = cut_cell(arch, SIZE, sparsity, MULTIPLE, budget=budget, target_latency=target_latency, latency_batch=32)
+    cell = cut_cell(arch, SIZE, sparsity, MULTIPLE, budget=budget, target_latency=target_latency, latency_batch=32,
+                    weight_sparsity=weight_sparsity)
     asked = f"--sparsity {sparsity:.4f}" if target_latency is None else \
         f"--target-latency {target_latency:g} --latency-batch 32 (found --sparsity {cell['sparsity']:.4f})"
+    if weight_sparsity is not None:
+        asked += f" --weight-sparsity {weight_sparsity:.4f}"
     return {"method": f"ours, channel FORCE, --budget {budget} {asked}", "budget": budget,
             "sparsity": cell["sparsity"], "file": cell["cut"], "mask_seconds": cell["mask_seconds"],
             "parity_max_rel": cell["parity_max_rel"], "latency_probes": cell.get("latency_probes"),
@@ -150,18 +163,58 @@ def run(arch: str, ratio: float, rounds: int) -> dict:
                                                budget="latency")
     target = TARGETS.get(arch, 0.5)
     ours_target = our_cell(arch, "latency", 0.5, target_latency=target)
+    # The peer's size and speed at once: its latency ratio at batch 32, timed first, is our --target-latency, and its
+    # removed weights our --weight-sparsity (two budgets); the file is then trained beside the peer's for accuracy.
+    peer_ratio = round(measure([dense, peer], 32, rounds)[1]["ratio"]["median"], 3)
+    ours_match = our_cell(arch, "latency", 0.5, target_latency=peer_ratio,
+                          weight_sparsity=round(1 - peer["prunable_weights"] / dense["prunable_weights"], 4))
     labels = ["dense", "peer", "ours, params budget, peer's size", "ours, macs budget, peer's MACs",
               "ours, macs budget, peer's size", "ours, latency budget, peer's size",
-              f"ours, latency budget, --target-latency {target:g} at batch 32"]
-    cells = [dense, peer, ours_params, ours_macs, ours_size, ours_latency, ours_target]
+              f"ours, latency budget, --target-latency {target:g} at batch 32",
+              f"ours, latency and weights budgets, peer's size and batch-32 latency ({peer_ratio:.3f})"]
+    cells = [dense, peer, ours_params, ours_macs, ours_size, ours_latency, ours_target, ours_match]
     latency = {b: measure(cells, b, rounds) for b in (1, 32)}
     rows = []
     for i, (label, c) in enumerate(zip(labels, cells, strict=True)):
         rows.append({"label": label, **{k: v for k, v in c.items() if k != "file"},
                      "params_ratio": c["params"] / dense["params"], "macs_ratio": c["macs"] / dense["macs"],
                      **{f"b{b}": latency[b][i] for b in latency}})
+    accuracy = [accuracy_cell(arch, who, c["file"], seed) for who, c in (("peer", peer), ("ours", ours_match))
+                for seed in ACCURACY_SEEDS] if arch in ACCURACY_ARCHS else []
     return {"arch": arch, "ratio": ratio, "rows": rows, "search": search, "latency_search": latency_search,
-            "target": target}
+            "target": target, "target_probes": ours_target.get("latency_probes"), "peer_ratio": peer_ratio,
+            "match_probes": ours_match.get("latency_probes"), "accuracy": accuracy}
+
+
+def accuracy_cell(arch: str, who: str, path: str, seed: int) -> dict:
+    """Top-1 on digits' held-out split of the file at `path` after our scratch recipe (SGD 0.1, cosine, weight decay
+    5e-4, batch 128) for ACCURACY_EPOCHS epochs with `seed`, at ACCURACY_SIZE² (224² would take hours a run on this
+    CPU; the channels are what is compared), the fused BatchNorms trained as our pipeline trains them."""
+    import torch
+
+    from force_core import add_train_norm
+    from pipeline.config import make_config
+    from pipeline.data import load_data
+    from stages.import_onnx import import_onnx
+    from stages.onnx_convert.to_torch import load_module
+    from stages.sparse_train.training import train_module
+
+    work = WORK / arch / "accuracy" / f"{who}-{seed}"
+    done = work / "accuracy.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    torch.manual_seed(seed)
+    imported = import_onnx(path, work / "import", train_norm=True)
+    module, _ = load_module(imported.normalized_path)
+    norms = add_train_norm(module)
+    config = make_config(model=str(path), epochs=ACCURACY_EPOCHS, seed=seed, device="cpu", recipe="scratch")
+    splits = load_data("digits", (3, ACCURACY_SIZE, ACCURACY_SIZE), num_classes=1000, seed=0, augment=True)
+    t0 = time.perf_counter()
+    result = train_module(module, {}, splits, config, work / "run", progress=False, plot=False, train_norms=norms)
+    cell = {"who": who, "seed": seed, "top1": result.val_acc, "epochs": result.epochs, "size": ACCURACY_SIZE,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    done.write_text(json.dumps(cell, indent=1))
+    return cell
 
 
 def render(results: list[dict], elapsed: float, rounds: int) -> str:
@@ -181,9 +234,17 @@ def render(results: list[dict], elapsed: float, rounds: int) -> str:
         for key, budget in (("search", "macs"), ("latency_search", "latency")):
             lines.append(f"- {r['arch']}: the search for the peer's size under --budget {budget} (sparsity, params): "
                          + ", ".join(f"({s:.4f}, {p:,})" for s, p in r.get(key, ())))
-        probes = r["rows"][-1].get("latency_probes") or []
-        lines.append(f"- {r['arch']}: --target-latency {r.get('target')} probes (sparsity, ratio at batch 32): "
-                     + ", ".join(f"({p['sparsity']:.4f}, {p['ratio']:.3f})" for p in probes))
+        for what, key in ((f"--target-latency {r.get('target')}", "target_probes"),
+                          (f"peer's size and latency ({r.get('peer_ratio')})", "match_probes")):
+            lines.append(f"- {r['arch']}: {what} probes (sparsity, ratio at batch 32): "
+                         + ", ".join(f"({p['sparsity']:.4f}, {p['ratio']:.3f})" for p in r.get(key) or []))
+        if r.get("accuracy"):
+            by = {w: [a for a in r["accuracy"] if a["who"] == w] for w in ("peer", "ours")}
+            lines.append(f"- {r['arch']}: top-1 on digits' held-out split at equal size and latency (the last two "
+                         f"files; {ACCURACY_EPOCHS} epochs of our scratch recipe at {ACCURACY_SIZE}×{ACCURACY_SIZE}, "
+                         "seeds " + ", ".join(map(str, ACCURACY_SEEDS)) + "): "
+                         + "; ".join(f"{w} " + ", ".join(f"{a['top1']:.4f}" for a in v)
+                                     + f" (mean {sum(a['top1'] for a in v) / len(v):.4f})" for w, v in by.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -61,9 +61,10 @@ def quick_from_env() -> bool:
 
 
 def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str = "params",
-             target_latency: float | None = None, latency_batch: int = 1) -> dict:
+             target_latency: float | None = None, latency_batch: int = 1, weight_sparsity: float | None = None) -> dict:
     """Export, import, channel FORCE masks under `budget` and the proven cut of one network; cached in its work
-    directory. `target_latency`: the sparsity is searched for that latency ratio at `latency_batch` instead."""
+    directory. `target_latency`: the sparsity is searched for that latency ratio at `latency_batch` instead;
+    `weight_sparsity`: the weights removed as well (a second budget)."""
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_graph
@@ -77,7 +78,8 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
         import_onnx(dense, base)
     what = f"{sparsity:g}" if target_latency is None else f"target{target_latency:g}-b{latency_batch}"
     out = base / (f"channel-{what}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}")
-                  + ("" if budget == "params" else f"-{budget}"))
+                  + ("" if budget == "params" else f"-{budget}")
+                  + ("" if weight_sparsity is None else f"-w{weight_sparsity:g}"))
     done = out / "cut.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -88,7 +90,7 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
     masks = compute_masks_stage(base / "normalized.onnx", out / "masks.npz", method="force", density=1 - sparsity,
                                 steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel",
                                 channel_multiple=multiple, budget=budget, latency_batch=latency_batch,
-                                target_latency=target_latency)
+                                target_latency=target_latency, weight_sparsity=weight_sparsity)
     t_masks = time.perf_counter() - t0
     meta = json.loads(masks.meta_path.read_text())
     images = batches[0][0][:8].numpy()

@@ -39,7 +39,7 @@ CHANNEL = "channel"  # the channel cut at 50% of the TorchScript file: the cover
 # families with no attention that are not convolutional networks either (token-mixing MLPs, an LSTM)
 NOT_CNN = ("mixer", "resmlp", "mlp_mixer", "sequencer")
 SIZE = 64
-CASE_TIMEOUT_S = 600
+CASE_TIMEOUT_S = 600  # per step of a case (export, each compress attempt); --case-timeout changes it
 ONE_CORE = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # --jobs cases share the cores
 SKIP_PREFIXES = ("tf_", "gluon_", "legacy_", "ig_", "ssl_", "swsl_", "test_", "inception_v3_tv")
 # families that share a timm module, by model-name pattern: each is a family users name on its own
@@ -263,6 +263,7 @@ def coverage(results: dict) -> str:
 
 
 def main() -> int:
+    global CASE_TIMEOUT_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="families to run, comma-separated (default: all)")
     ap.add_argument("--forms", default=",".join(FORMS))
@@ -270,7 +271,9 @@ def main() -> int:
     ap.add_argument("--export", nargs=3, metavar=("MODEL", "FORM", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "timm_zoo"))
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="cases at once (one core each)")
+    ap.add_argument("--case-timeout", type=int, default=CASE_TIMEOUT_S, help="seconds per step of a case")
     a = ap.parse_args()
+    CASE_TIMEOUT_S = a.case_timeout
     if a.export:
         print(export(a.export[0], a.export[1], Path(a.export[2])))
         return 0

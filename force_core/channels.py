@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,11 +20,11 @@ from torch import nn
 from torch.func import functional_call
 
 from force_core.batches import BatchStream
-from force_core.collapse import COLLAPSE_RATIO, OutputSpread, check_collapse_args
+from force_core.collapse import COLLAPSE_RATIO, OutputSpread, check_collapse_args, guarded_force
 from force_core.engine import check_run_args, numerics, training_mode
 from force_core.maskset import MaskSet
 from force_core.params import prunable_parameters
-from force_core.progress import Progress, ScheduleMixin, kept_count
+from force_core.progress import Progress, ScheduleMixin, density_schedule, kept_count
 from force_core.registry import get_method, register_method
 from force_core.select import tie_priority
 
@@ -165,11 +165,15 @@ class _Layout:
         """What the kept weights cost, in the budget's unit (weights when every cost is 1)."""
         return int((self.kept_per_param(keep) * self.cost).sum())
 
-    def channel_costs(self) -> torch.Tensor:
-        """Per channel (float32), what its entries in the counted parameters cost with every other channel kept:
-        the price of a channel in the greedy knapsack of `ChannelContext.keep_top`."""
-        return self.channel_sums({n: torch.full(self.shapes[n], float(self.costs[n]), device=self.device)
-                                  for n in self.scored})
+    def kept_weights(self, keep: torch.Tensor) -> int:
+        """The kept weights of the counted parameters, whatever the budget's unit."""
+        return int(self.kept_per_param(keep).sum())
+
+    def channel_costs(self, weights: bool = False) -> torch.Tensor:
+        """Per channel (float32), what its entries in the counted parameters cost with every other channel kept
+        (`weights`: how many they are): the price of a channel in the greedy knapsack of `ChannelContext.keep_top`."""
+        return self.channel_sums({n: torch.full(self.shapes[n], 1.0 if weights else float(self.costs[n]),
+                                                device=self.device) for n in self.scored})
 
     def element_masks(self, keep: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """name -> bool mask of the parameter's shape (all True where no group reaches it)."""
@@ -254,6 +258,7 @@ class ChannelContext(ScheduleMixin):
         multiple: int = 1,
         on_collapse: str = "nested",
         collapse_ratio: float = COLLAPSE_RATIO,
+        weight_density: float | None = None,
     ):
         self.model, self.layout, self.groups, self.batches = model, layout, list(groups), batches
         self.on_collapse, self.spread = on_collapse, OutputSpread(collapse_ratio)
@@ -283,6 +288,11 @@ class ChannelContext(ScheduleMixin):
         # whose longest prefix within k loses at most the score of the first block left out against the best
         # selection of whole blocks. A parameter budget ranks by score alone, as FORCE ranks weights.
         self._price = layout.channel_costs() if any(c != 1 for c in layout.costs.values()) else None
+        # A second budget, in weights, beside a weighted one (`weight_density`): channels must fit both, so a cut can
+        # meet a latency and a file size at once. It follows the same schedule; `weight_cap` is the step's.
+        self.weight_density = weight_density
+        self._weight_price = layout.channel_costs(weights=True) if weight_density is not None else None
+        self.weight_cap = None if weight_density is None else kept_count(weight_density, layout.total_weights)
         blocks = (sizes + multiple - 1) // multiple
         self._n_blocks = int(blocks.sum())
         self._block_start = blocks.cumsum(0) - blocks
@@ -296,6 +306,15 @@ class ChannelContext(ScheduleMixin):
         self.read_layout = _Layout(layout.shapes, reading, [], self.device)
         self.buffers = {n: b.clone() for n, b in model.named_buffers()}  # training-mode forwards update the clones
         self.losses: list[float] = []
+
+    def schedule(self) -> Iterator[tuple[int, float, int]]:
+        """The engine's (t, d_t, k_t), setting `weight_cap` to step t's share of the weight budget on the way."""
+        caps = (density_schedule(self.weight_density, self.steps, self.schedule_kind)
+                if self.weight_density is not None else None)
+        for t, d, k in super().schedule():
+            if caps is not None:
+                self.weight_cap = kept_count(caps[t - 1], self.layout.total_weights)
+            yield t, d, k
 
     # ---- scores
     def saliency(self) -> torch.Tensor:
@@ -348,19 +367,19 @@ class ChannelContext(ScheduleMixin):
         return self.spread.collapsed()
 
     @torch.no_grad()
-    def keep_collapsed(self) -> bool:
+    def mask_collapsed(self) -> bool:
         """`collapsed` for the current channel mask, from one forward pass without gradients on the last batch."""
         masks = self.read_layout.element_masks(self.keep, [n for n in self.theta0 if self.read_layout.dims.get(n)])
         masked = {n: self.theta0[n] * masks[n] if n in masks else self.theta0[n] for n in self.theta0}
         self.spread.record(functional_call(self.model, {**masked, **self.buffers}, (self._last_x,)))
         return self.collapsed()
 
-    def remember_keep_(self) -> None:
+    def remember_mask_(self) -> None:
         self._previous = self.keep.clone()
 
     @torch.no_grad()
-    def restore_keep_(self) -> bool:
-        """Back to the channels `remember_keep_` kept; False when none were."""
+    def restore_mask_(self) -> bool:
+        """Back to the channels `remember_mask_` kept; False when none were."""
         if self._previous is None:
             return False
         self.keep.copy_(self._previous)
@@ -383,29 +402,66 @@ class ChannelContext(ScheduleMixin):
         block_in_group = (torch.arange(c, device=dev) - self._group_start[group]) // self.multiple
         block = self._block_start[group] + block_in_group
         score = self.scores.new_zeros(self._n_blocks).index_add_(0, block, self.scores[ranked])
-        if self._price is not None:
-            price = self._price.new_zeros(self._n_blocks).index_add_(0, block, self._price[ranked])
-            score = score / price.clamp_min(1.0)
         first = torch.full((self._n_blocks,), c, device=dev).scatter_reduce_(0, block, by_group, "amin")
         by_first = torch.sort(first).indices
-        ranking = by_first[torch.sort(score[by_first], descending=True, stable=True).indices]
         reserved = torch.zeros(self._n_blocks, dtype=torch.bool, device=dev)
         reserved[block[block_in_group < self._min_blocks[group]]] = True
-        rest = ranking[reserved[ranking].logical_not()]
-        position = torch.full((self._n_blocks,), -1, device=dev)  # reserved blocks: -1, always kept
-        position[rest] = torch.arange(rest.numel(), device=dev)
-        channel_position = torch.empty(c, dtype=torch.long, device=dev)
-        channel_position[ranked] = position[block]
-        lo, hi = 0, rest.numel()  # kept weights grow with the prefix: the last length within k
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.layout.kept(channel_position < mid) <= k:
-                lo = mid
+
+        def prefix(rank_by: torch.Tensor, fits: Callable[[torch.Tensor], bool]) -> torch.Tensor:
+            """The reserved blocks and the longest prefix of the others ranked by `rank_by` that `fits`."""
+            ranking = by_first[torch.sort(rank_by[by_first], descending=True, stable=True).indices]
+            rest = ranking[reserved[ranking].logical_not()]
+            position = torch.full((self._n_blocks,), -1, device=dev)  # reserved blocks: -1, always kept
+            position[rest] = torch.arange(rest.numel(), device=dev)
+            channel_position = torch.empty(c, dtype=torch.long, device=dev)
+            channel_position[ranked] = position[block]
+            lo, hi = 0, rest.numel()  # what is kept grows with the prefix: the last length that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(channel_position < mid):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return channel_position < lo
+
+        def within_k(keep: torch.Tensor) -> bool:
+            return self.layout.kept(keep) <= k
+
+        if self._price is None:
+            keep = prefix(score, within_k)
+        else:
+            price = self._price.new_zeros(self._n_blocks).index_add_(0, block, self._price[ranked])
+            if self.weight_cap is None:
+                keep = prefix(score / price.clamp_min(1.0), within_k)
             else:
-                hi = mid - 1
-        self.keep.copy_(channel_position < lo)
+                keep = self._two_budgets(prefix, score, price, block, ranked, k)
+        self.keep.copy_(keep)
         self.kept_cost = self.layout.kept(self.keep)
         return self.keep
+
+    # Mixes of the two prices tried by `_two_budgets`: from the weights' alone (0) to the weighted budget's alone (1).
+    PRICE_MIXES = tuple(i / 10 for i in range(11))
+
+    def _two_budgets(self, prefix, score, price, block, ranked, k: int) -> torch.Tensor:
+        """Within both k (the weighted budget) and `weight_cap` (weights): for each mix a of the two prices, each
+        normalised by its budget (a Lagrangian price with one multiplier per budget, searched on a grid), the
+        longest prefix of the blocks ranked by score per mixed price that fits both; the mix keeping the most score
+        wins (ties: the earlier mix)."""
+        cap = self.weight_cap
+        weights = self._weight_price.new_zeros(self._n_blocks).index_add_(0, block, self._weight_price[ranked])
+
+        def fits(keep: torch.Tensor) -> bool:
+            return self.layout.kept(keep) <= k and self.layout.kept_weights(keep) <= cap
+
+        gain = self.scores.clamp_min(0.0)  # pruned-for-good channels (-inf) add nothing
+        best, best_score = None, -1.0
+        for a in self.PRICE_MIXES:
+            mixed = a * price / max(k, 1) + (1 - a) * weights / max(cap, 1)
+            keep = prefix(score / mixed.clamp_min(1e-30), fits)
+            kept_score = float(gain[keep].sum())
+            if kept_score > best_score:
+                best, best_score = keep, kept_score
+        return best
 
 
 # ---- the built-in channel methods (FORCE.md's definitions, one gate per channel)
@@ -417,29 +473,10 @@ def channel_force(ctx: ChannelContext) -> None:
     θ0), so a channel pruned at an earlier step can come back when its saliency there beats a kept one's
     (its consumers' gradients score it, see `saliency`).
 
-    With `ctx.on_collapse == "nested"`, the weight methods' guard (methods.force): once a step finds the masked
-    network no longer depending on its input, the channels go back to those before the last selection and every
-    remaining step selects nested, as Iterative SNIP does; the final channels are checked the same way."""
-    guard = ctx.on_collapse == "nested"
-    nested = False
-    for t, d, k in ctx.schedule():
-        ctx.saliency()
-        if guard and not nested and ctx.collapsed():
-            nested, ctx.collapse_step = True, t
-            if ctx.restore_keep_():
-                ctx.saliency()
-        if nested:
-            ctx.drop_pruned_()
-        elif guard:
-            ctx.remember_keep_()
-        ctx.keep_top(k)
-        ctx.report(t, ctx.steps, density=d, kept=ctx.kept_cost)
-    if guard and not nested and ctx.keep_collapsed() and ctx.restore_keep_():
-        ctx.collapse_step = ctx.steps + 1
-        ctx.saliency()
-        ctx.drop_pruned_()
-        ctx.keep_top(ctx.k)
-        ctx.report(ctx.steps, ctx.steps, density=ctx.density, kept=ctx.kept_cost)
+    With `ctx.on_collapse == "nested"`, the weight methods' guard (`collapse.guarded_force`): once a step finds the
+    masked network no longer depending on its input, the channels go back to those before the last selection and
+    every remaining step selects nested, as Iterative SNIP does; the final channels are checked the same way."""
+    guarded_force(ctx, ctx.saliency, lambda k: ctx.kept_cost)
 
 
 @register_method("iter_snip", structure="channel", default_steps=20)
@@ -479,13 +516,15 @@ def channel_random(ctx: ChannelContext) -> None:
 class ChannelFloorError(ValueError):
     """The density is below what every group's `min_keep` channels, in whole blocks of `multiple`, keep
     (`reachable`: the largest reachable sparsity; None when nothing at all can be pruned in such blocks). A caller
-    that exposes these arguments under other names words its own message from the fields."""
+    that exposes these arguments under other names words its own message from the fields (`weights`: the floor is
+    the second budget's, `weight_density`'s)."""
 
     def __init__(self, message: str, *, multiple: int, reachable: float | None = None, sparsity: float = 0.0,
-                 floor: int = 0, total: int = 0) -> None:
+                 floor: int = 0, total: int = 0, weights: bool = False) -> None:
         super().__init__(message)
         self.multiple, self.reachable, self.sparsity, self.floor, self.total = multiple, reachable, sparsity, floor, \
             total
+        self.weights = weights  # the second budget's (weight_density), not density's
 
 
 def compute_channel_masks(
@@ -506,6 +545,7 @@ def compute_channel_masks(
     costs: Mapping[str, int] | None = None,
     on_collapse: str = "nested",
     collapse_ratio: float = COLLAPSE_RATIO,
+    weight_density: float | None = None,
 ) -> ChannelMasks:
     """Channel masks at initialization for `model`: the most channels (by the rule of `keep_top`) whose kept
     prunable weights stay within k = round(density·N), N the weights of `params` (None: Conv/Linear weights).
@@ -523,6 +563,9 @@ def compute_channel_masks(
       at most `multiple` channels is kept whole.
     - `on_collapse`, `collapse_ratio`: channel FORCE's guard against a masked network that no longer depends on
       its input, as `compute_masks`' (see `channel_force`).
+    - `weight_density`: with `costs`, a second budget: the kept weights (counted, not costed) are also at most
+      round(weight_density·N_w), on the same schedule; channels are then a knapsack with two constraints
+      (`ChannelContext._two_budgets`).
 
     The masks in `masks` cover `params` only: a caller that trains the masked network rather than cutting it
     also masks the biases and norm parameters of the pruned channels (`channel_element_masks`).
@@ -568,6 +611,20 @@ def compute_channel_masks(
             f"sparsity {1 - density:.4g} keeps {k} of the {n_total} {unit}, but min_keep channels of every "
             f"group keep {floor}: the largest reachable sparsity is {reachable:.4f}; lower the sparsity, min_keep "
             "or multiple", multiple=multiple, reachable=reachable, sparsity=1 - density, floor=floor, total=n_total)
+    if weight_density is not None:
+        if costs is None:
+            raise ValueError("weight_density is a second budget beside costs; without costs density counts weights")
+        if isinstance(weight_density, bool) or not 0.0 < weight_density <= 1.0:
+            raise ValueError(f"weight_density must be in (0, 1] (kept fraction of the weights), got {weight_density!r}")
+        floor_weights, cap = layout.kept_weights(fewest), kept_count(weight_density, layout.total_weights)
+        if floor_weights > cap:
+            reachable = math.floor((1.0 - floor_weights / layout.total_weights) * 1e4) / 1e4
+            raise ChannelFloorError(
+                f"weight sparsity {1 - weight_density:.4g} keeps {cap} of the {layout.total_weights} prunable "
+                f"weights, but min_keep channels of every group keep {floor_weights}: the largest reachable weight "
+                f"sparsity is {reachable:.4f}; lower it, min_keep or multiple", multiple=multiple,
+                reachable=reachable, sparsity=1 - weight_density, floor=floor_weights, total=layout.total_weights,
+                weights=True)
     run_steps = 1 if spec.single_shot else (steps if steps is not None else spec.default_steps)
     if spec.needs_data and batches is None:
         raise ValueError(f"channel method {method!r} scores channels on data: pass batches")
@@ -589,6 +646,7 @@ def compute_channel_masks(
             multiple=multiple,
             on_collapse=on_collapse,
             collapse_ratio=collapse_ratio,
+            weight_density=weight_density,
         )
         spec.fn(ctx)
 
@@ -607,6 +665,7 @@ def compute_channel_masks(
         "kept_cost": ctx.kept_cost,
         "total_cost": n_total,
         "kept_weights": int(kept_per.sum()),
+        "weight_density": weight_density,
         "total_weights": layout.total_weights,
         "kept": dict(zip(layout.counted, kept_per.tolist(), strict=True)),
         "channels_kept": sum(int(torch.count_nonzero(v)) for v in keep.values()),

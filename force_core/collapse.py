@@ -4,6 +4,9 @@ picks among ties. Shared by the weight methods (engine) and the channel methods 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 COLLAPSE_RULES = ("nested", "none")
@@ -39,3 +42,34 @@ class OutputSpread:
         if self.last is None or self.dense is None:
             return False
         return float(self.last) <= self.ratio * float(self.dense)
+
+
+def guarded_force(ctx: Any, score: Callable[[], Any], kept: Callable[[int], int]) -> None:
+    """FORCE's steps with the collapse guard, for weights (engine.PruningContext) and channels (ChannelContext) alike:
+    each step scores every unit at the current mask (`score`) and keeps the top k, so a pruned unit can come back.
+
+    With `ctx.on_collapse == "nested"`: once a step finds the masked network no longer depending on its input
+    (`ctx.collapsed`), its saliencies are all ties at 0, so the mask goes back to the one before the last selection
+    (whose saliencies were still informative) and every remaining step selects nested, as Iterative SNIP does; the
+    final mask is checked the same way with one forward pass (`ctx.mask_collapsed`). `kept(k)`: what a step reports
+    as kept (k itself, or what a weighted budget's selection costs)."""
+    guard = ctx.on_collapse == "nested"
+    nested = False
+    for t, d, k in ctx.schedule():
+        score()
+        if guard and not nested and ctx.collapsed():
+            nested, ctx.collapse_step = True, t
+            if ctx.restore_mask_():
+                score()
+        if nested:
+            ctx.drop_pruned_()
+        elif guard:
+            ctx.remember_mask_()
+        ctx.keep_top(k)
+        ctx.report(t, ctx.steps, density=d, kept=kept(k))
+    if guard and not nested and ctx.mask_collapsed() and ctx.restore_mask_():
+        ctx.collapse_step = ctx.steps + 1
+        score()
+        ctx.drop_pruned_()
+        ctx.keep_top(ctx.k)
+        ctx.report(ctx.steps, ctx.steps, density=ctx.density, kept=kept(ctx.k))

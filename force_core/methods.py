@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from force_core.collapse import guarded_force
 from force_core.engine import PruningContext
 from force_core.registry import register_method
 
@@ -42,32 +43,9 @@ def snip(ctx: PruningContext) -> None:
 @register_method("force", default_steps=20)
 def force(ctx: PruningContext) -> None:
     """FORCE: each step ranks ALL connections by |θ0 · ∂L/∂(θ0⊙m)| at the current mask, with the
-    dense θ0, so a pruned connection can come back; gradients of pruned weights are not blocked.
-
-    With `ctx.on_collapse == "nested"`: once a step finds the masked network no longer depending on its input
-    (`ctx.collapsed`), its saliencies are all ties at 0, so the mask goes back to the one before the last
-    selection (whose saliencies were still informative) and every remaining step selects nested, as
-    Iterative SNIP does; the final mask is checked the same way with one forward pass."""
-    guard = ctx.on_collapse == "nested"
-    nested = False
-    for t, d, k in ctx.schedule():
-        ctx.connection_sensitivity()
-        if guard and not nested and ctx.collapsed():
-            nested, ctx.collapse_step = True, t
-            if ctx.restore_mask_():
-                ctx.connection_sensitivity()
-        if nested:
-            ctx.drop_pruned_()
-        elif guard:
-            ctx.remember_mask_()
-        ctx.keep_top(k)
-        ctx.report(t, ctx.steps, density=d, kept=k)
-    if guard and not nested and ctx.mask_collapsed() and ctx.restore_mask_():
-        ctx.collapse_step = ctx.steps + 1
-        ctx.connection_sensitivity()
-        ctx.drop_pruned_()
-        ctx.keep_top(ctx.k)
-        ctx.report(ctx.steps, ctx.steps, density=ctx.density, kept=ctx.k)
+    dense θ0, so a pruned connection can come back; gradients of pruned weights are not blocked. The collapse
+    guard (`ctx.on_collapse == "nested"`) is `collapse.guarded_force`'s."""
+    guarded_force(ctx, ctx.connection_sensitivity, lambda k: k)
 
 
 @register_method("iter_snip", default_steps=20)

@@ -144,10 +144,12 @@ def _echo_json(obj) -> None:
                    "[default: macs for channels, else params]")
 @click.option("--latency-batch", type=int, default=_config_default("latency_batch"), show_default=True,
               help="--budget latency: the batch the layers are timed at")
+@click.option("--weight-sparsity", type=float, default=None,
+              help="--budget macs or latency: also remove at least this fraction of the prunable weights")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
-              train_norm, min_per_layer, structure, channel_multiple, budget, latency_batch, out):
+              train_norm, min_per_layer, structure, channel_multiple, budget, latency_batch, weight_sparsity, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     from stages.run.tools import masks_for
 
@@ -155,7 +157,7 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
                        batch_size=batch_size, batches_per_step=batches_per_step,
                        image_size=tuple(image_size) if image_size else None, seed=seed, train_norm=train_norm,
                        min_per_layer=min_per_layer, structure=structure, channel_multiple=channel_multiple,
-                       budget=budget, latency_batch=latency_batch)
+                       budget=budget, latency_batch=latency_batch, weight_sparsity=weight_sparsity)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")

@@ -79,6 +79,10 @@ class CompressConfig(BaseModel):
                                           "at --latency-batch on onnxruntime (e.g. 0.45); the sparsity is searched "
                                           "for it instead of taken from --sparsity, and the gate checks the measured "
                                           "ratio")
+    weight_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="channel structure with --budget macs or latency: also remove at least this "
+                                          "fraction of the prunable weights (a file size beside the compute or time "
+                                          "budget); the channels kept fit both, and the gate checks both")
     mask_batches_per_step: int = Field(1, ge=1, description="mini-batches averaged per pruning step")
     mask_batch_size: int = Field(128, ge=1, description="images per pruning mini-batch")
     min_per_layer: int = Field(1, ge=0, description="weights every prunable layer keeps at least (0: none, as the "
@@ -185,6 +189,9 @@ class CompressConfig(BaseModel):
         if self.target_latency is not None and self.structure != "channel":
             raise ValueError("--target-latency needs --structure channel: zeros inside dense weights do not make "
                              "the model faster on onnxruntime")
+        if self.weight_sparsity is not None and (self.structure != "channel" or self.budget == "params"):
+            raise ValueError("--weight-sparsity is a second budget beside --budget macs or latency with --structure "
+                             "channel; for weights alone give --sparsity with --budget params")
         return self
 
     def with_recipe(self, recipe: str, attention: bool = False) -> CompressConfig:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from pipeline.stage import DATA_FIELDS, Stage
 from stages.measure.latency import interleaved_latency
 from stages.measure.layer_prices import latency_prices
 from stages.onnx_convert import runtime
-from stages.onnx_convert.channels import Plan, analyze, cut_channels
+from stages.onnx_convert.channels import Plan, analyze, cut_channels, keep_arrays
 from stages.onnx_convert.costs import macs_per_weight
 from stages.onnx_convert.mask_file import effective_sidecar, save_masks
 from stages.onnx_convert.param_map import ParamMap
@@ -67,7 +66,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         calibrate_norms: bool = False, on_collapse: str = "nested", collapse_ratio: float | None = None,
                         min_per_layer: int = 0, structure: str = "unstructured",
                         channel_multiple: int = 1, output_kind: str = "logits", budget: str = "params",
-                        latency_batch: int = 1, target_latency: float | None = None) -> MaskResult:
+                        latency_batch: int = 1, target_latency: float | None = None,
+                        weight_sparsity: float | None = None) -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses);
@@ -81,7 +81,9 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     compute: a channel at 56×56 costs 64 times one at 7×7); `budget="latency"`: of the weight layers' time, each
     layer timed alone on onnxruntime at `latency_batch` images (`stages.measure.layer_prices`).
     `target_latency`: the density is searched for (`_latency_search`) so that the cut model runs in at most that
-    fraction of the input's time at `latency_batch` on onnxruntime; `density` is then not used."""
+    fraction of the input's time at `latency_batch` on onnxruntime; `density` is then not used.
+    `weight_sparsity` (with `budget` macs or latency): at least that fraction of the prunable weights is removed as
+    well, the channels chosen within both budgets."""
     if method not in force_core.available_methods(structure):
         known = ", ".join(sorted(force_core.available_methods(structure)))
         kind = "" if structure == "unstructured" else f"{structure} "
@@ -116,6 +118,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                                   schedule=schedule, batches_per_step=batches_per_step, seed=seed,
                                   progress=progress, multiple=channel_multiple, loss_fn=LOSSES[output_kind],
                                   costs=costs, unit=BUDGET_UNITS[budget], on_collapse=on_collapse,
+                                  weight_density=None if weight_sparsity is None else 1.0 - weight_sparsity,
                                   **({} if collapse_ratio is None else {"collapse_ratio": collapse_ratio}))
 
         if target_latency is None:
@@ -200,9 +203,7 @@ def _latency_search(masks_at, model: onnx.ModelProto, plan: Plan, input_shape: t
                 raise
             density = min(0.999, density * 1.5)  # below every group's floor: come back up
             continue
-        keep = {name: np.isin(np.arange(size), meta["channels"].get(name, range(size)))
-                for name, size in meta["channel_sizes"].items()}
-        cut = cut_channels(model, plan.analysis, keep, plan=plan)
+        cut = cut_channels(model, plan.analysis, keep_arrays(meta["channel_sizes"], meta["channels"]), plan=plan)
         timed = interleaved_latency([full, runtime.session(cut.SerializeToString(), device=device)], input_shape,
                                     batch=batch, runs=15, budget_s=6.0)
         ratio = timed[1]["ratio"]["median"]
@@ -257,7 +258,7 @@ def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamM
             "channels_kept": sum(len(v) for v in keep.values()), "channels_total": sum(g.size for g in groups),
             "blocked": blocked, "channel_multiple": result.meta["multiple"],
             **{k: v for k, v in result.meta.items() if k in ("step_losses", "achieved_density", "unprunable_groups",
-                                                               "kept_cost", "total_cost")}}
+                                                               "kept_cost", "total_cost", "weight_density")}}
     return result.masks, meta
 
 
@@ -310,9 +311,10 @@ def _floor_message(e: ChannelFloorError, unit: str) -> str:
     if e.reachable is None:
         return (f"--structure channel: nothing can be pruned in blocks of --channel-multiple {e.multiple}: no "
                 f"channel group has more than {e.multiple} channels; give a smaller --channel-multiple")
-    return (f"--sparsity {e.sparsity:.4g} is out of reach with --structure channel: every channel group keeps at "
+    option, unit = ("--weight-sparsity", BUDGET_UNITS["params"]) if e.weights else ("--sparsity", unit)
+    return (f"{option} {e.sparsity:.4g} is out of reach with --structure channel: every channel group keeps at "
             f"least one block of --channel-multiple {e.multiple} channels, {e.floor:,} of the {e.total:,} {unit}, "
-            f"so the largest reachable sparsity is {e.reachable:.4f}; give a --sparsity up to that or a smaller "
+            f"so the largest reachable sparsity is {e.reachable:.4f}; give a {option} up to that or a smaller "
             "--channel-multiple")
 
 
@@ -357,7 +359,7 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
             calibrate_norms=config.recipe == "finetune", on_collapse=config.on_collapse,
             min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
             output_kind=output_kind, budget=config.budget, latency_batch=config.latency_batch,
-            target_latency=config.target_latency,
+            target_latency=config.target_latency, weight_sparsity=config.weight_sparsity,
         )
     finally:
         bar.close()
@@ -366,4 +368,5 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
 STAGE = Stage("masks", masks_stage, outputs=(RunFiles.MASKS, RunFiles.MASKS_META),
               reads=DATA_FIELDS | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
                                    "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple",
-                                   "budget", "latency_batch", "target_latency", "train_norm", "recipe", "device"})
+                                   "budget", "latency_batch", "target_latency", "weight_sparsity", "train_norm",
+                                   "recipe", "device"})

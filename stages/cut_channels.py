@@ -20,7 +20,7 @@ from pipeline.artifacts import RunFiles, atomic_path
 from pipeline.errors import BadInputError, ParityError
 from pipeline.stage import DATA_FIELDS, Stage
 from stages.onnx_convert import runtime
-from stages.onnx_convert.channels import Plan, analyze, cut_channels, mask_channels
+from stages.onnx_convert.channels import Plan, analyze, cut_channels, keep_arrays, mask_channels
 from stages.onnx_convert.costs import model_costs
 from stages.onnx_convert.mask_file import save_masks
 from stages.onnx_convert.to_torch import load_module
@@ -91,12 +91,7 @@ def _keep_arrays(analysis, meta: dict, masks_path) -> dict[str, np.ndarray]:
     recorded = meta.get("channel_sizes", {})
     if any(sizes.get(name) != size for name, size in recorded.items()):
         raise BadInputError(f"{masks_path}: channel masks computed for another graph (channel groups differ)")
-    keep = {}
-    for name, size in sizes.items():
-        k = np.zeros(size, dtype=bool)
-        k[meta["channels"].get(name, list(range(size)))] = True
-        keep[name] = k
-    return keep
+    return keep_arrays(sizes, meta["channels"])
 
 
 def _all_kept_masks(cut_path: Path, out: Path, meta: dict) -> Path:

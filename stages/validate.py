@@ -231,4 +231,4 @@ def validate_stage(exported, trained, masks, config, run_dir: str, data, graph: 
 STAGE = Stage("validate", validate_stage, outputs=(RunFiles.REPORT_JSON, RunFiles.REPORT_MD),
               reads=DATA_FIELDS | {"model", "name", "image_size", "device", "method", "sparsity", "min_accuracy",
                                    "baseline_accuracy", "max_drop", "parity_tol", "max_steps", "budget",
-                                   "latency_batch", "target_latency"})
+                                   "latency_batch", "target_latency", "weight_sparsity"})

@@ -12,7 +12,7 @@ from torch import nn
 
 import force_core
 from force_core import ChannelGroup, ChannelSlice, channel_element_masks, compute_channel_masks, kept_count
-from force_core.channels import channel_force, channel_iter_snip, channel_snip
+from force_core.channels import ChannelFloorError, channel_force, channel_iter_snip, channel_snip
 from force_core.methods import force as force_method
 
 S = ChannelSlice
@@ -286,6 +286,56 @@ def test_a_cost_budget_ranks_channels_by_score_per_cost_and_keeps_the_cost_withi
     ones = compute_channel_masks(model, None, groups, method=name, density=density, params=params,
                                  costs=dict.fromkeys(params, 1))
     assert {n: v.tolist() for n, v in ones.keep.items()} == {n: v.tolist() for n, v in plain.keep.items()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("density", "weight_density"), [(0.5, 0.3), (0.6, 0.25), (0.4, 0.5), (0.7, 0.2)])
+def test_a_cost_and_a_weight_budget_together_keep_channels_within_both_near_the_exact_best(seed, density,
+                                                                                          weight_density):
+    """MACs and a file size at once. plain_net's kept weights and MACs depend only on how many channels each group
+    keeps, so the exact best selection is each group's best channels at the best pair of counts within both
+    budgets: ours fits both and keeps at least 0.9 of its score (the greedy price mix loses at most the blocks left
+    out at the margin), never less than the cost budget's own choice when that already fits the weights."""
+    model, groups, params = plain_net(seed=1)
+    costs = {"0.weight": 64, "3.weight": 16, "8.weight": 1}
+    values = torch.randperm(20, generator=torch.Generator().manual_seed(seed)).float() + 1
+    name = f"test_given_scores_two_budgets_{seed}_{density}_{weight_density}"
+    force_core.register_method(name, structure="channel", single_shot=True, needs_data=False)(given_scores(values))
+    result = compute_channel_masks(model, None, groups, method=name, density=density, params=params, costs=costs,
+                                   weight_density=weight_density)
+    alone = compute_channel_masks(model, None, groups, method=name, density=density, params=params, costs=costs)
+
+    def counted(k0: int, k3: int) -> tuple[int, int]:  # (weights, MACs) of 0.weight, 3.weight and 8.weight
+        w = (k0 * 27, k0 * k3 * 9, 10 * k3)
+        return sum(w), w[0] * 64 + w[1] * 16 + w[2]
+
+    def score(r) -> float:
+        return float(values[torch.cat([r.keep["0"], r.keep["3"]])].sum())
+
+    cap, k = kept_count(weight_density, counted(8, 12)[0]), kept_count(density, counted(8, 12)[1])
+    best = [sorted(values[:8].tolist(), reverse=True), sorted(values[8:].tolist(), reverse=True)]
+    exact = max(sum(best[0][:a]) + sum(best[1][:b]) for a in range(1, 9) for b in range(1, 13)
+                if counted(a, b)[0] <= cap and counted(a, b)[1] <= k)
+    got = score(result)
+    assert result.meta["kept_weights"] <= cap and result.meta["kept_cost"] <= k
+    assert result.meta["kept_weights"] == result.masks.total_kept() and result.meta["weight_density"] == weight_density
+    assert alone.meta["kept_weights"] > cap or got >= score(alone)
+    assert exact * 0.9 <= got <= exact
+    # a weight budget that does not bind keeps at least the cost budget's own choice (one of the mixes is it)
+    loose = compute_channel_masks(model, None, groups, method=name, density=density, params=params, costs=costs,
+                                  weight_density=1.0)
+    assert loose.meta["kept_cost"] <= k and score(loose) >= score(alone)
+
+
+def test_a_weight_budget_below_every_groups_floor_names_the_reachable_weight_sparsity():
+    model, groups, params = plain_net()
+    costs = dict.fromkeys(params, 3)
+    with pytest.raises(ChannelFloorError, match="largest reachable weight sparsity is 0.9") as e:
+        compute_channel_masks(model, None, groups, method="magnitude", density=0.5, params=params, costs=costs,
+                              weight_density=0.01)
+    assert e.value.weights
+    with pytest.raises(ValueError, match="beside costs"):
+        compute_channel_masks(model, None, groups, method="magnitude", density=0.5, params=params, weight_density=0.5)
 
 
 @pytest.mark.parametrize("bad", [{"0.weight": 0}, {"0.weight": 1.5}, {}])

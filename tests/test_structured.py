@@ -104,12 +104,48 @@ def test_a_method_without_a_channel_form_is_refused_up_front(tiny_at_init, tmp_p
 
 @pytest.mark.parametrize("given, said", [(["--budget", "macs"], "--budget macs needs --structure channel"),
                                          (["--budget", "latency"], "--budget latency needs --structure channel"),
-                                         (["--target-latency", "0.5"], "--target-latency needs --structure channel")])
+                                         (["--target-latency", "0.5"], "--target-latency needs --structure channel"),
+                                         (["--weight-sparsity", "0.5"], "--weight-sparsity is a second budget"),
+                                         (["--structure", "channel", "--budget", "params", "--weight-sparsity", "0.5"],
+                                          "--weight-sparsity is a second budget")])
 def test_a_compute_or_time_budget_on_single_weights_is_refused_up_front(given, said, tiny_at_init, tmp_path):
     r = _cli([tiny_at_init, *given, "--sparsity", "0.5", "--no-prefect"], tmp_path)
 
     assert r.returncode == 2 and said in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_a_weight_budget_beside_the_macs_budget_keeps_channels_within_both_and_the_gate_checks_both(tiny_at_init,
+                                                                                                   tmp_path):
+    """At --budget macs 0.5 alone the tiny CNN keeps 0.73 of its weights; with --weight-sparsity 0.6 beside it the
+    published file has at most 0.4 of them, at least half the MACs removed, and the gate says so in two checks."""
+    args = [tiny_at_init, "--structure", "channel", "--budget", "macs", "--sparsity", "0.5", *TINY, "--no-prefect",
+            "--json"]
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "both").mkdir()
+    alone = _cli(args, tmp_path / "alone")
+    both = _cli([*args, "--weight-sparsity", "0.6"], tmp_path / "both")
+
+    assert alone.returncode == 0 == both.returncode, both.stderr[-3000:]
+    a, b = json.loads(alone.stdout), json.loads(both.stdout)
+    assert a["sparsity"] < 0.6 <= b["sparsity"]  # read from the files: the second budget bound
+    macs = b["costs"]["exported"]["weight_macs"] / b["costs"]["input"]["weight_macs"]
+    assert macs <= 0.5
+    report = json.loads((tmp_path / "both" / b["run_dir"] / "report.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["sparsity"]["passed"] and "MACs removed" in checks["sparsity"]["message"]
+    assert checks["weight_sparsity"]["passed"] and "vs target 0.6000" in checks["weight_sparsity"]["message"]
+    assert f"{b['sparsity']:.4f}" in checks["weight_sparsity"]["message"]
+
+
+def test_a_weight_budget_below_every_channel_floor_exits_2_naming_the_reachable_weight_sparsity(tiny_at_init,
+                                                                                                tmp_path):
+    r = _cli([tiny_at_init, "--structure", "channel", "--budget", "macs", "--sparsity", "0.5", "--weight-sparsity",
+              "0.99", *TINY, "--no-prefect"], tmp_path)
+
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--weight-sparsity 0.99 is out of reach" in r.stderr and "largest reachable sparsity is 0.9" in r.stderr
+    assert "prunable weights" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
 
 
 def _wide_cnn():

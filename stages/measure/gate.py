@@ -22,7 +22,8 @@ def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float, cost
     """Each condition of the gate with whether it passed and, when not, by how much it missed. Under a MACs budget
     `costs` ({"input"|"exported": Costs.to_dict()}) gives the MACs the sparsity is checked on; under a latency budget
     `masks_meta` (masks.json) the priced time kept. With --target-latency the exported file's latency ratio at
-    --latency-batch (`latency`: its latency_ms record by batch) is checked instead of a sparsity."""
+    --latency-batch (`latency`: its latency_ms record by batch) is checked instead of a sparsity. --weight-sparsity
+    adds a check of the weights removed, read from the file."""
     checks = [
         GateCheck(
             "min_accuracy",
@@ -46,7 +47,9 @@ def gate(config, *, top1: float, sparsity: FileSparsity, parity_rel: float, cost
     elif config.budget == "latency":
         checks.append(_priced_check(config, masks_meta or {}))
     else:
-        checks.append(_weights_check(config, sparsity))
+        checks.append(_weights_check(config.sparsity, sparsity))
+    if config.weight_sparsity is not None:
+        checks.append(_weights_check(config.weight_sparsity, sparsity, "weight_sparsity"))
     ok = parity_rel <= config.parity_tol  # False for NaN
     if not math.isfinite(parity_rel):
         message = "torch/onnxruntime outputs are not finite (NaN or inf: did training diverge?)"
@@ -93,14 +96,14 @@ def _latency_check(config, latency: dict) -> GateCheck:
         + ("" if ok or ratio is None else f" (over by {ratio - config.target_latency:.3f})"))
 
 
-def _weights_check(config, sparsity: FileSparsity) -> GateCheck:
+def _weights_check(target: float, sparsity: FileSparsity, name: str = "sparsity") -> GateCheck:
     # "Within one weight": exact top-k keeps round(density * total), which may sit one weight short.
-    wanted = config.sparsity * sparsity.prunable_total
+    wanted = target * sparsity.prunable_total
     ok = sparsity.prunable_total > 0 and sparsity.prunable_zeros + 1 >= wanted
     return GateCheck(
-        "sparsity", ok,
+        name, ok,
         f"sparsity {sparsity.sparsity:.4f} ({sparsity.prunable_zeros}/{sparsity.prunable_total} prunable weights zero)"
-        f" vs target {config.sparsity:.4f}"
+        f" vs target {target:.4f}"
         + ("" if ok else f" (short by {math.ceil(wanted - 1 - sparsity.prunable_zeros)} weights)"),
     )
 

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from pipeline.artifacts import atomic_path
 from stages.measure.latency import interleaved_latency
 from stages.onnx_convert import runtime
-from stages.onnx_convert.costs import _shaped, macs_per_weight
+from stages.onnx_convert.costs import macs_per_weight, shaped_at
 from stages.onnx_convert.passes._graph import weight_index
 
 CACHE_FILE = "layer_latency.json"
@@ -43,7 +43,7 @@ def latency_prices(model: onnx.ModelProto, input_shape: tuple[int, ...], *, batc
     """Initializer -> picoseconds one of its weights costs at `batch` images of `input_shape` (C, H, W) on `device`'s
     onnxruntime provider (≥ 1). A layer that cannot be timed alone (shapes unknown to inference) is priced by its
     MACs at the median time per MAC of the layers that were."""
-    shaped, shapes, _ = _shaped(model, tuple(input_shape))
+    shaped, shapes, _ = shaped_at(model, tuple(input_shape))
     inits = {t.name: t for t in shaped.graph.initializer}
     per_mac = macs_per_weight(model, tuple(input_shape))
     path = _cache_path(cache_dir)

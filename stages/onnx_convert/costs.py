@@ -37,7 +37,7 @@ def model_costs(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> Co
 
 def _macs(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> tuple[int, int]:
     """(MACs of every Conv/ConvTranspose/Gemm/MatMul, MACs of those with a weight) for one image."""
-    shaped, shapes, batch = _shaped(model, input_shape)
+    shaped, shapes, batch = shaped_at(model, input_shape)
     inits = {t.name for t in shaped.graph.initializer}
     every = weighted = 0
     for node in shaped.graph.node:
@@ -51,7 +51,7 @@ def macs_per_weight(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -
     """Initializer -> the MACs one entry of it performs for one (C, H, W) image: a Conv weight's output positions,
     a Linear weight's tokens. What a weight costs under a compute budget; a weight whose layer's shapes inference
     could not settle is left out (the caller prices it)."""
-    shaped, shapes, batch = _shaped(model, input_shape)
+    shaped, shapes, batch = shaped_at(model, input_shape)
     inits = {t.name for t in shaped.graph.initializer}
     out: dict[str, int] = {}
     for node in shaped.graph.node:
@@ -63,8 +63,8 @@ def macs_per_weight(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -
     return out
 
 
-def _shaped(model: onnx.ModelProto, input_shape: tuple[int, int, int]):
-    """(the model with shapes inferred at batch 1, name -> dims, the batch it was inferred at)."""
+def shaped_at(model: onnx.ModelProto, input_shape: tuple[int, int, int]):
+    """(a copy of the model with shapes inferred at batch 1, name -> dims, the batch it was inferred at)."""
     shaped = onnx.ModelProto()
     shaped.CopyFrom(model)
     inits = {t.name for t in shaped.graph.initializer}

@@ -29,7 +29,8 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
               data: str | None = None, steps: int | None = None, schedule: str = "exp", batch_size: int = 128,
               batches_per_step: int = 1, image_size: tuple[int, int] | None = None, seed: int = 0,
               train_norm: bool = True, min_per_layer: int = 0, structure: str = "unstructured",
-              channel_multiple: int = 1, budget: str | None = None, latency_batch: int = 1) -> MaskResult:
+              channel_multiple: int = 1, budget: str | None = None, latency_batch: int = 1,
+              weight_sparsity: float | None = None) -> MaskResult:
     """Masks for `model` written to `out` (masks.npz and its sidecar), on `data` for methods that score on data."""
     if not 0.0 < sparsity < 1.0:
         raise BadInputError(f"--sparsity must be in (0, 1) (pruned fraction), got {sparsity}")
@@ -37,6 +38,9 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
         budget = resolve_budget(budget, structure)
     except ValueError as e:
         raise BadInputError(str(e)) from None
+    if weight_sparsity is not None and (structure != "channel" or budget == "params" or not 0 <= weight_sparsity < 1):
+        raise BadInputError(f"--weight-sparsity {weight_sparsity:g} needs --structure channel with --budget macs or "
+                            "latency, and a fraction in [0, 1)")
     if data is None and force_core.needs_data(method, structure):
         free = ", ".join(sorted(force_core.data_free_methods(structure)))
         raise BadInputError(f"method {method!r} scores weights on data: give --data (data-free methods: {free})")
@@ -50,7 +54,8 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
         return compute_masks_stage(imported.normalized_path, out, method=method, density=1.0 - sparsity,
                                    steps=steps, schedule=schedule, batches=batches, batches_per_step=batches_per_step,
                                    seed=seed, train_norm=train_norm, min_per_layer=min_per_layer, structure=structure,
-                                   channel_multiple=channel_multiple, budget=budget, latency_batch=latency_batch)
+                                   channel_multiple=channel_multiple, budget=budget, latency_batch=latency_batch,
+                                   weight_sparsity=weight_sparsity)
 
 
 def apply_masks(model: str | os.PathLike, masks: str | os.PathLike, out: str | os.PathLike, *,

@@ -23,9 +23,9 @@ the `ChannelAnalysis` (`plan.analysis`, what `analyze_channels` returns); pass i
 """
 
 from stages.onnx_convert.channels.analysis import analyze, analyze_channels
-from stages.onnx_convert.channels.cut import cut_channels, mask_channels
+from stages.onnx_convert.channels.cut import cut_channels, keep_arrays, mask_channels
 from stages.onnx_convert.channels.model import Blocked, ChannelAnalysis, GraphChannelGroup, Plan, TensorSlice
 from stages.onnx_convert.channels.registry import HANDLERS, channel_handler
 
 __all__ = ["Blocked", "ChannelAnalysis", "GraphChannelGroup", "HANDLERS", "Plan", "TensorSlice", "analyze",
-           "analyze_channels", "channel_handler", "cut_channels", "mask_channels"]
+           "analyze_channels", "channel_handler", "cut_channels", "keep_arrays", "mask_channels"]

@@ -21,6 +21,16 @@ from stages.onnx_convert.passes._graph import add_initializer, all_names, fresh_
 __all__ = ["cut_channels", "mask_channels"]
 
 
+def keep_arrays(sizes: Mapping[str, int], channels: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
+    """Group name -> bool array of its `sizes` entries, True at the kept channel indices `channels` lists (masks.json's
+    `channels`); a group it does not list is kept whole."""
+    keep = {}
+    for name, size in sizes.items():
+        keep[name] = np.zeros(size, dtype=bool)
+        keep[name][list(channels.get(name, range(size)))] = True
+    return keep
+
+
 def _checked_keep(analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One bool array per group (a group left out keeps every channel); raise ValueError naming what is wrong."""
     groups = {g.name: g for g in analysis.groups}
