@@ -7,6 +7,7 @@ Imports no flows/prefect/click."""
 
 from __future__ import annotations
 
+import gc
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
     results = accuracies([s for _, s in scored], val) if scored else []
     ort_scores = {i: r for (i, s), r in zip(scored, results, strict=True) if s is sessions[i]}
     ov_scores = {i: r for (i, s), r in zip(scored, results, strict=True) if s is not sessions[i]}
+    # OpenVINO keeps the buffers of the largest batch it ran for as long as the compiled model lives (halonet_h1 at
+    # 256×256: GBs each); only its scores are needed from here on
+    openvino = {i: (None, info) for i, (_, info) in openvino.items()}
+    del scored
+    gc.collect()
     records = []
     for i, form in enumerate(forms):
         model = onnx.load(str(form.path), load_external_data=False)
