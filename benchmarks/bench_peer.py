@@ -153,7 +153,7 @@ def measure(cells: list[dict], batch: int, rounds: int) -> list[dict]:
     return [{"p50": t["p50"], **({"ratio": t["ratio"]} if "ratio" in t else {})} for t in times]
 
 
-def run(arch: str, ratio: float, rounds: int) -> dict:
+def run(arch: str, ratio: float, rounds: int, peer_latency: float | None = None) -> dict:
     dense = dense_cell(arch)
     peer = peer_cell(arch, ratio)
     ours_params = our_cell(arch, "params", round(1 - peer["prunable_weights"] / dense["prunable_weights"], 5))
@@ -165,7 +165,7 @@ def run(arch: str, ratio: float, rounds: int) -> dict:
     ours_target = our_cell(arch, "latency", 0.5, target_latency=target)
     # The peer's speed: its latency ratio at batch 32, timed first, is our --target-latency, with its removed weights
     # as --weight-sparsity (at most its size); the file is then trained beside the peer's for accuracy at equal speed.
-    peer_ratio = round(measure([dense, peer], 32, rounds)[1]["ratio"]["median"], 3)
+    peer_ratio = peer_latency or round(measure([dense, peer], 32, rounds)[1]["ratio"]["median"], 3)
     ours_match = our_cell(arch, "latency", 0.5, target_latency=peer_ratio,
                           weight_sparsity=round(1 - peer["prunable_weights"] / dense["prunable_weights"], 4))
     labels = ["dense", "peer", "ours, params budget, peer's size", "ours, macs budget, peer's MACs",
@@ -199,7 +199,7 @@ def accuracy_cell(arch: str, who: str, path: str, seed: int) -> dict:
     from stages.onnx_convert.to_torch import load_module
     from stages.sparse_train.training import train_module
 
-    work = WORK / arch / "accuracy" / f"{who}-{seed}"
+    work = WORK / arch / "accuracy" / f"{who}-{Path(path).parent.name}-{seed}"  # a file of another run: run again
     done = work / "accuracy.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -235,7 +235,7 @@ def render(results: list[dict], elapsed: float, rounds: int) -> str:
             lines.append(f"- {r['arch']}: the search for the peer's size under --budget {budget} (sparsity, params): "
                          + ", ".join(f"({s:.4f}, {p:,})" for s, p in r.get(key, ())))
         for what, key in ((f"--target-latency {r.get('target')}", "target_probes"),
-                          (f"peer's size and latency ({r.get('peer_ratio')})", "match_probes")):
+                          (f"the peer's latency ({r.get('peer_ratio')})", "match_probes")):
             lines.append(f"- {r['arch']}: {what} probes (sparsity, ratio at batch 32): "
                          + ", ".join(f"({p['sparsity']:.4f}, {p['ratio']:.3f})" for p in r.get(key) or []))
         if r.get("accuracy"):
@@ -253,11 +253,15 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", nargs="*", default=["resnet50", "mobilenet_v2"])
     ap.add_argument("--ratio", type=float, default=0.5, help="the peer's channel pruning ratio")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--peer-latency", type=float, nargs="*", default=[],
+                    help="per arch, the peer's batch-32 latency ratio to aim our equal-latency file at (default: timed "
+                         "at the start; give an earlier run's to reuse its file)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     results = []
     for arch in a.archs:
-        results.append(run(arch, a.ratio, a.rounds))
+        given = dict(zip(a.archs, a.peer_latency, strict=False))
+        results.append(run(arch, a.ratio, a.rounds, given.get(arch)))
         print(render(results, time.perf_counter() - t0, a.rounds), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_peer.json").write_text(json.dumps(results, indent=1))
