@@ -39,7 +39,7 @@ CHANNEL = "channel"  # the channel cut at 50% of the TorchScript file: the cover
 # families with no attention that are not convolutional networks either (token-mixing MLPs, an LSTM)
 NOT_CNN = ("mixer", "resmlp", "mlp_mixer", "sequencer")
 SIZE = 64
-CASE_TIMEOUT_S = 600  # per step of a case (export, each compress attempt); --case-timeout changes it
+CASE_TIMEOUT_S = 1800  # per step of a case (export, each compress attempt): halonet_h1 (dynamo, 256²) ~15 min
 ONE_CORE = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # --jobs cases share the cores
 SKIP_PREFIXES = ("tf_", "gluon_", "legacy_", "ig_", "ssl_", "swsl_", "test_", "inception_v3_tv")
 # families that share a timm module, by model-name pattern: each is a family users name on its own
