@@ -260,8 +260,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     results = []
+    given = dict(zip(a.archs, a.peer_latency, strict=False))
     for arch in a.archs:
-        given = dict(zip(a.archs, a.peer_latency, strict=False))
         results.append(run(arch, a.ratio, a.rounds, given.get(arch)))
         print(render(results, time.perf_counter() - t0, a.rounds), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -29,14 +29,19 @@ ATTENTION_RECIPES: dict[str, dict] = {
 }
 
 
-def resolve_budget(budget: str | None, structure: str) -> str:
+def resolve_budget(budget: str | None, structure: str, weight_sparsity: float | None = None) -> str:
     """What --sparsity counts: the budget given, else MACs for channels (they are cut for speed) and weights for
-    single weights. Raises ValueError for a MACs budget on single weights."""
+    single weights. Raises ValueError for a MACs budget on single weights, and for a --weight-sparsity that is not a
+    fraction in [0, 1) beside a channel budget of MACs or time."""
     if budget is None:
-        return "macs" if structure == "channel" else "params"
-    if budget in ("macs", "latency") and structure != "channel":
+        budget = "macs" if structure == "channel" else "params"
+    elif budget in ("macs", "latency") and structure != "channel":
         raise ValueError(f"--budget {budget} needs --structure channel: zeros inside dense weights do not lower the "
                          "MACs or the time a runtime computes")
+    if weight_sparsity is not None and (structure != "channel" or budget == "params" or not 0 <= weight_sparsity < 1):
+        raise ValueError(f"--weight-sparsity is a second budget, a fraction in [0, 1) (got {weight_sparsity:g}), "
+                         "beside --budget macs or latency with --structure channel; for weights alone give --sparsity "
+                         "with --budget params")
     return budget
 
 
@@ -185,13 +190,10 @@ class CompressConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budget(self) -> CompressConfig:
-        object.__setattr__(self, "budget", resolve_budget(self.budget, self.structure))
+        object.__setattr__(self, "budget", resolve_budget(self.budget, self.structure, self.weight_sparsity))
         if self.target_latency is not None and self.structure != "channel":
             raise ValueError("--target-latency needs --structure channel: zeros inside dense weights do not make "
                              "the model faster on onnxruntime")
-        if self.weight_sparsity is not None and (self.structure != "channel" or self.budget == "params"):
-            raise ValueError("--weight-sparsity is a second budget beside --budget macs or latency with --structure "
-                             "channel; for weights alone give --sparsity with --budget params")
         return self
 
     def with_recipe(self, recipe: str, attention: bool = False) -> CompressConfig:

@@ -35,12 +35,9 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
     if not 0.0 < sparsity < 1.0:
         raise BadInputError(f"--sparsity must be in (0, 1) (pruned fraction), got {sparsity}")
     try:
-        budget = resolve_budget(budget, structure)
+        budget = resolve_budget(budget, structure, weight_sparsity)
     except ValueError as e:
         raise BadInputError(str(e)) from None
-    if weight_sparsity is not None and (structure != "channel" or budget == "params" or not 0 <= weight_sparsity < 1):
-        raise BadInputError(f"--weight-sparsity {weight_sparsity:g} needs --structure channel with --budget macs or "
-                            "latency, and a fraction in [0, 1)")
     if data is None and force_core.needs_data(method, structure):
         free = ", ".join(sorted(force_core.data_free_methods(structure)))
         raise BadInputError(f"method {method!r} scores weights on data: give --data (data-free methods: {free})")
