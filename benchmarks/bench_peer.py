@@ -3,7 +3,8 @@
 For each torchvision network at 224×224 (random init, 1000 classes, as `bench_structured.py`):
 - the peer: Torch-Pruning's MagnitudePruner (L1 magnitude, one uniform ratio per layer, `round_to` 8, the
   classifier left alone) at `--ratio` of the channels, exported to ONNX the way ours is;
-- ours, channel FORCE (20 steps of 16 digits images, blocks of 8) through our own stages:
+- ours, channel FORCE (20 steps of 16 digits images, blocks of `--multiple`, default the pipeline's: the block
+  onnxruntime computes channels in on this machine) through our own stages:
   `params`: the parameter budget at the peer's count of prunable weights;
   `macs`: the MACs budget (the default) at the peer's MACs per image;
   `macs, peer's size`: the MACs budget at the sparsity where our cut has the peer's parameters (a secant search
@@ -39,10 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_structured import DEFAULT_MULTIPLE  # noqa: E402 - after the path
+
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "runs" / "bench_peer"
 SIZE = 224
-MULTIPLE = 8
+PEER_ROUND_TO = 8  # the issue's peer
 SEARCH_POINTS = 4
 TARGETS = {"resnet50": 0.45, "mobilenet_v2": 0.5}  # issue 26's --target-latency at batch 32
 ACCURACY_ARCHS = ("resnet50",)  # issue 26's accuracy comparison at equal latency
@@ -65,12 +68,12 @@ def peer_cell(arch: str, ratio: float) -> dict:
         head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
         x = torch.randn(1, 3, SIZE, SIZE)
         pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=[head], round_to=MULTIPLE)
+                                           pruning_ratio=ratio, ignored_layers=[head], round_to=PEER_ROUND_TO)
         pruner.step()
         torch.onnx.export(model.eval(), (torch.randn(2, 3, SIZE, SIZE),), str(out), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    return {"method": f"Torch-Pruning, magnitude, uniform {ratio:g}, round_to {MULTIPLE}", "file": str(out),
+    return {"method": f"Torch-Pruning, magnitude, uniform {ratio:g}, round_to {PEER_ROUND_TO}", "file": str(out),
             **_costs(out)}
 
 
@@ -84,14 +87,14 @@ def dense_cell(arch: str) -> dict:
     return {"method": "dense", "file": str(dense), **_costs(dense)}
 
 
-def our_cell(arch: str, budget: str, sparsity: float, target_latency: float | None = None,
+def our_cell(arch: str, budget: str, sparsity: float, multiple: int, target_latency: float | None = None,
              weight_sparsity: float | None = None) -> dict:
     """Channel FORCE under `budget` at `sparsity` (or at the sparsity its search finds for `target_latency` at batch
     32; with `weight_sparsity` removing that many weights as well): bench_structured's cell (compute_masks_stage,
     the proven cut)."""
     from bench_structured import cut_cell
 
-    cell = cut_cell(arch, SIZE, sparsity, MULTIPLE, budget=budget, target_latency=target_latency, latency_batch=32,
+    cell = cut_cell(arch, SIZE, sparsity, multiple, budget=budget, target_latency=target_latency, latency_batch=32,
                     weight_sparsity=weight_sparsity)
     asked = f"--sparsity {sparsity:.4f}" if target_latency is None else \
         f"--target-latency {target_latency:g} --latency-batch 32 (found --sparsity {cell['sparsity']:.4f})"
@@ -112,7 +115,7 @@ def _costs(path: Path) -> dict:
     return {"params": c.params, "prunable_weights": c.prunable_weights, "macs": c.macs, "weight_macs": c.weight_macs}
 
 
-def same_params(arch: str, target_params: int, start: dict, budget: str = "macs") -> tuple[dict, list]:
+def same_params(arch: str, target_params: int, start: dict, multiple: int, budget: str = "macs") -> tuple[dict, list]:
     """Our cut under `budget` with the peer's parameter count: a secant search on the sparsity from `start` (a cut
     under that budget), kept params falling as the sparsity rises."""
     from pipeline.errors import BadInputError
@@ -136,7 +139,7 @@ def same_params(arch: str, target_params: int, start: dict, budget: str = "macs"
             s = 1 - (1 - p["sparsity"]) * target_params / p["params"]
         s = min(max(s, lo_s + 1e-3), (lo_s + hi_s) / 2 if s >= hi_s else hi_s - 1e-3)
         try:
-            points.append(our_cell(arch, budget, round(s, 5)))
+            points.append(our_cell(arch, budget, round(s, 5), multiple))
         except BadInputError as e:  # beyond what the budget can remove: the largest reachable is named
             print(f"{arch}: --budget {budget} --sparsity {s:.4f}: {e}", flush=True)
             hi_s = s
@@ -153,20 +156,21 @@ def measure(cells: list[dict], batch: int, rounds: int) -> list[dict]:
     return [{"p50": t["p50"], **({"ratio": t["ratio"]} if "ratio" in t else {})} for t in times]
 
 
-def run(arch: str, ratio: float, rounds: int, peer_latency: float | None = None) -> dict:
+def run(arch: str, ratio: float, rounds: int, multiple: int, peer_latency: float | None = None) -> dict:
     dense = dense_cell(arch)
     peer = peer_cell(arch, ratio)
-    ours_params = our_cell(arch, "params", round(1 - peer["prunable_weights"] / dense["prunable_weights"], 5))
-    ours_macs = our_cell(arch, "macs", round(1 - peer["weight_macs"] / dense["weight_macs"], 5))
-    ours_size, search = same_params(arch, peer["params"], ours_macs)
-    ours_latency, latency_search = same_params(arch, peer["params"], our_cell(arch, "latency", ours_size["sparsity"]),
-                                               budget="latency")
+    m = multiple
+    ours_params = our_cell(arch, "params", round(1 - peer["prunable_weights"] / dense["prunable_weights"], 5), m)
+    ours_macs = our_cell(arch, "macs", round(1 - peer["weight_macs"] / dense["weight_macs"], 5), m)
+    ours_size, search = same_params(arch, peer["params"], ours_macs, m)
+    ours_latency, latency_search = same_params(arch, peer["params"],
+                                               our_cell(arch, "latency", ours_size["sparsity"], m), m, budget="latency")
     target = TARGETS.get(arch, 0.5)
-    ours_target = our_cell(arch, "latency", 0.5, target_latency=target)
+    ours_target = our_cell(arch, "latency", 0.5, m, target_latency=target)
     # The peer's speed: its latency ratio at batch 32, timed first, is our --target-latency, with its removed weights
     # as --weight-sparsity (at most its size); the file is then trained beside the peer's for accuracy at equal speed.
     peer_ratio = peer_latency or round(measure([dense, peer], 32, rounds)[1]["ratio"]["median"], 3)
-    ours_match = our_cell(arch, "latency", 0.5, target_latency=peer_ratio,
+    ours_match = our_cell(arch, "latency", 0.5, m, target_latency=peer_ratio,
                           weight_sparsity=round(1 - peer["prunable_weights"] / dense["prunable_weights"], 4))
     labels = ["dense", "peer", "ours, params budget, peer's size", "ours, macs budget, peer's MACs",
               "ours, macs budget, peer's size", "ours, latency budget, peer's size",
@@ -217,12 +221,12 @@ def accuracy_cell(arch: str, who: str, path: str, seed: int) -> dict:
     return cell
 
 
-def render(results: list[dict], elapsed: float, rounds: int) -> str:
+def render(results: list[dict], elapsed: float, rounds: int, multiple: int) -> str:
     lines = [f"# bench-peer: our channel cut beside Torch-Pruning at {SIZE}×{SIZE}", "",
              f"onnxruntime CPU ({platform.machine()}, {elapsed / 60:.1f} min), random init, 1000 classes. All files "
              f"of a network run in the same interleaved rounds ({rounds} at batch 1 and at batch 32); latency "
              "ratio = file ÷ dense per round, median (p10–p90). Ours: channel FORCE, 20 steps of 16 digits images, "
-             "blocks of 8, every cut proven against its masked model.", "",
+             f"blocks of {multiple}, every cut proven against its masked model.", "",
              "| model | method | params | MACs | latency ÷ dense, batch 1 | batch 32 |", "|---|---|---|---|---|---|"]
     for r in results:
         for row in r["rows"][1:]:
@@ -254,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", nargs="*", default=["resnet50", "mobilenet_v2"])
     ap.add_argument("--ratio", type=float, default=0.5, help="the peer's channel pruning ratio")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--multiple", type=int, default=DEFAULT_MULTIPLE, help="our channels kept in blocks of this many")
     ap.add_argument("--peer-latency", type=float, nargs="*", default=[],
                     help="per arch, the peer's batch-32 latency ratio to aim our equal-latency file at (default: timed "
                          "at the start; give an earlier run's to reuse its file)")
@@ -262,11 +267,11 @@ def main(argv=None) -> int:
     results = []
     given = dict(zip(a.archs, a.peer_latency, strict=False))
     for arch in a.archs:
-        results.append(run(arch, a.ratio, a.rounds, given.get(arch)))
-        print(render(results, time.perf_counter() - t0, a.rounds), flush=True)
+        results.append(run(arch, a.ratio, a.rounds, a.multiple, given.get(arch)))
+        print(render(results, time.perf_counter() - t0, a.rounds, a.multiple), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_peer.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "bench_peer.md").write_text(render(results, time.perf_counter() - t0, a.rounds))
+    (RESULTS / "bench_peer.md").write_text(render(results, time.perf_counter() - t0, a.rounds, a.multiple))
     return 0
 
 

@@ -45,12 +45,14 @@ ACCURACY_SPARSITY = 0.5
 
 
 def _default_multiple() -> int:
-    from pipeline.config import CompressConfig
+    """The pipeline's default block: the one onnxruntime on this machine computes channels in."""
+    from stages.onnx_convert.runtime import channel_block
 
-    return CompressConfig.model_fields["channel_multiple"].default
+    return channel_block("cpu")
 
 
 DEFAULT_MULTIPLE = _default_multiple()
+UNNAMED_MULTIPLE = 8  # the block of the cells cut before the default followed the runtime: their folders carry none
 
 
 def quick_from_env() -> bool:
@@ -77,7 +79,7 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
         export_torchvision(arch, dense, num_classes=1000, input_size=(size, size))
         import_onnx(dense, base)
     what = f"{sparsity:g}" if target_latency is None else f"target{target_latency:g}-b{latency_batch}"
-    out = base / (f"channel-{what}" + ("" if multiple == DEFAULT_MULTIPLE else f"-m{multiple}")
+    out = base / (f"channel-{what}" + ("" if multiple == UNNAMED_MULTIPLE else f"-m{multiple}")
                   + ("" if budget == "params" else f"-{budget}")
                   + ("" if weight_sparsity is None else f"-w{weight_sparsity:g}"))
     done = out / "cut.json"

@@ -138,7 +138,8 @@ def _echo_json(obj) -> None:
 @click.option("--structure", type=click.Choice(["unstructured", "channel"]), default="unstructured", show_default=True,
               help="single weights, or whole channels (masks.json then lists the kept channels of each group)")
 @click.option("--channel-multiple", type=int, default=_config_default("channel_multiple"), show_default=True,
-              help="channel structure: channels kept in blocks of this many per group")
+              help="channel structure: channels kept in blocks of this many per group [default: the block the "
+                   "runtime computes channels in: onnxruntime CPU 16 with AVX-512, 8 with AVX2; CUDA 8]")
 @click.option("--budget", type=click.Choice(["params", "macs", "latency"]), default=None,
               help="what --sparsity removes: weights, MACs per image, or the layers' time measured on onnxruntime "
                    "[default: macs for channels, else params]")

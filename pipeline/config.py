@@ -70,8 +70,11 @@ class CompressConfig(BaseModel):
                                     "inside); channel: whole channels, cut out of the graph (smaller, faster file)")
     steps: int = Field(20, ge=1, le=1000, description="pruning steps (iterative methods)")
     schedule: Literal["exp", "linear"] = Field("exp", description="density schedule over the pruning steps")
-    channel_multiple: int = Field(8, ge=1, description="channel structure: channels are kept in blocks of this many "
-                                                       "per layer group (runtimes run 8 or 16 at a time)")
+    channel_multiple: int | None = Field(
+        None, ge=1, description="channel structure: channels are kept in blocks of this many per layer group. "
+                                "Default: the block the runtime computes channels in, asked of onnxruntime on the "
+                                "device the run uses (CPU: 16 with AVX-512, 8 with AVX2; CUDA: 8); give the serving "
+                                "machine's when it differs")
     budget: Literal["params", "macs", "latency"] | None = Field(
         None, description="channel structure: what --sparsity removes: params (weights: the file's size), macs "
                           "(multiply-accumulates per image, where activations are large) or latency (each layer's "

@@ -65,7 +65,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         progress: Callable | None = None, device: str = "auto", train_norm: bool = False,
                         calibrate_norms: bool = False, on_collapse: str = "nested", collapse_ratio: float | None = None,
                         min_per_layer: int = 0, structure: str = "unstructured",
-                        channel_multiple: int = 1, output_kind: str = "logits", budget: str = "params",
+                        channel_multiple: int | None = None, output_kind: str = "logits", budget: str = "params",
                         latency_batch: int = 1, target_latency: float | None = None,
                         weight_sparsity: float | None = None) -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
@@ -76,7 +76,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     layers leave some layer empty whatever the method; the cut check reports it).
     `structure="channel"`: whole channel groups (from the graph's dependency analysis) are kept or pruned; the
     sidecar lists the kept channels of each group, which the cut stage removes from the graph; `channel_multiple`:
-    they are kept in blocks of that many per group; `budget="macs"`: `density` is the fraction of the prunable
+    they are kept in blocks of that many per group (None: the block `device`'s onnxruntime computes channels in,
+    `runtime.channel_block`); `budget="macs"`: `density` is the fraction of the prunable
     weights' multiply-accumulates per image kept, not of the weights (channels are then priced by what they
     compute: a channel at 56×56 costs 64 times one at 7×7); `budget="latency"`: of the weight layers' time, each
     layer timed alone on onnxruntime at `latency_batch` images (`stages.measure.layer_prices`).
@@ -110,6 +111,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     if structure == "channel":
         graph = onnx.load(str(normalized_path))
         plan = analyze(graph)
+        if channel_multiple is None:
+            channel_multiple = runtime.channel_block(device.type)
         costs = _budget_costs(budget, graph, param_map, batches[0][0], batch=latency_batch, device=device,
                               multiple=channel_multiple)
 
@@ -198,10 +201,13 @@ def _latency_search(masks_at, model: onnx.ModelProto, plan: Plan, input_shape: t
     for _ in range(LATENCY_PROBES):
         try:
             maskset, meta = masks_at(density)
-        except BadInputError:
+        except _FloorInputError as e:
             if density >= 0.999:
                 raise
-            density = min(0.999, density * 1.5)  # below every group's floor: come back up
+            # below every group's floor: come back up, to the floor itself where it is known (a large
+            # --channel-multiple puts it far above the aim)
+            floor = 1.0 - e.reachable if e.reachable is not None else 0.0
+            density = min(0.999, max(density * 1.5, floor * 1.001))
             continue
         cut = cut_channels(model, plan.analysis, keep_arrays(meta["channel_sizes"], meta["channels"]), plan=plan)
         timed = interleaved_latency([full, runtime.session(cut.SerializeToString(), device=device)], input_shape,
@@ -250,7 +256,7 @@ def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamM
     try:
         result = force_core.compute_channel_masks(module, batches, groups, params=param_map.prunable, **kwargs)
     except ChannelFloorError as e:
-        raise BadInputError(_floor_message(e, unit)) from None
+        raise _FloorInputError(_floor_message(e, unit), None if e.weights else e.reachable) from None
     except ValueError as e:  # force_core checks its arguments with ValueError: user input here
         raise BadInputError(str(e)) from None
     keep = {name: torch.nonzero(k).flatten().tolist() for name, k in result.keep.items()}
@@ -304,6 +310,15 @@ def torch_channel_groups(analysis, param_map: ParamMap, reading: dict[str, set[i
         if slices:
             groups.append(force_core.ChannelGroup(g.name, g.size, tuple(slices)))
     return groups
+
+
+class _FloorInputError(BadInputError):
+    """A sparsity beyond every channel group's floor; `reachable`: the largest sparsity of the first budget that is
+    not (None when the floor is the weight budget's or no group can shrink)."""
+
+    def __init__(self, message: str, reachable: float | None):
+        super().__init__(message)
+        self.reachable = reachable
 
 
 def _floor_message(e: ChannelFloorError, unit: str) -> str:

@@ -260,3 +260,58 @@ def test_paired_latency_gives_a_ratio_with_its_spread(tmp_path, to_onnx):
     assert lat["ratio"]["verdict"].endswith("faster")
     assert ratio_verdict(1.0, 0.9, 1.1) == "no measurable difference"
     assert ratio_verdict(2.0, 1.8, 2.2) == "2.00x slower"
+
+
+def _optimized_ops(path: str | bytes) -> list[str]:
+    """The operators of the graph onnxruntime CPU runs for `path` (its optimized model)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_the_runtime_block_is_the_channel_count_onnxruntime_keeps_in_one_layout():
+    from stages.onnx_convert.runtime import _stays_blocked, channel_block
+
+    block = channel_block("cpu")
+    assert channel_block("cuda") == 8 and block in (4, 8, 16, 32)
+    if _stays_blocked(block):  # a runtime with a blocked layout (x86 onnxruntime): half a block more leaves it
+        assert not _stays_blocked(block + block // 2) and _stays_blocked(2 * block)
+
+
+def test_channels_are_cut_by_default_in_the_runtimes_block_and_the_cut_runs_in_one_layout(tmp_path, to_onnx):
+    """Without --channel-multiple the kept channels are whole blocks of what onnxruntime computes in (16 floats on
+    AVX-512), so the cut model's layers and pool stay in one blocked layout: no reorder between them."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from stages.compute_masks import compute_masks_stage
+    from stages.cut_channels import cut_graph
+    from stages.import_onnx import import_onnx
+    from stages.onnx_convert.runtime import channel_block
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(48, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(64, 10))
+    imported = import_onnx(to_onnx(net, tmp_path / "cnn.onnx", size=16), tmp_path / "import", train_norm=True)
+    batch = (torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,)))
+    masks = compute_masks_stage(imported.normalized_path, tmp_path / "masks.npz", method="force", density=0.3,
+                                steps=3, batches=[batch], structure="channel", budget="macs", device="cpu")
+    block = channel_block("cpu")
+    meta = json.loads(masks.meta_path.read_text())
+    kept = [len(v) for v in meta["channels"].values()]
+    assert meta["channel_multiple"] == block and all(k % block == 0 for k in kept), kept
+    assert sum(kept) < meta["channels_total"]
+    x = np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    cut = cut_graph(imported.normalized_path, masks.masks_path, tmp_path / "cut", images=x)
+    ops = _optimized_ops(str(cut.cut_path))
+    assert ops.count("ReorderOutput") <= 1 and ops.count("ReorderInput") <= 1, ops

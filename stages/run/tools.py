@@ -29,7 +29,7 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
               data: str | None = None, steps: int | None = None, schedule: str = "exp", batch_size: int = 128,
               batches_per_step: int = 1, image_size: tuple[int, int] | None = None, seed: int = 0,
               train_norm: bool = True, min_per_layer: int = 0, structure: str = "unstructured",
-              channel_multiple: int = 1, budget: str | None = None, latency_batch: int = 1,
+              channel_multiple: int | None = None, budget: str | None = None, latency_batch: int = 1,
               weight_sparsity: float | None = None) -> MaskResult:
     """Masks for `model` written to `out` (masks.npz and its sidecar), on `data` for methods that score on data."""
     if not 0.0 < sparsity < 1.0:
