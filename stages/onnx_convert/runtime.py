@@ -47,7 +47,6 @@ def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
                                        f"{msg[:300]}") from None
 
 
-
 @functools.cache
 def channel_block(device: str = "cpu") -> int:
     """The channel count `device`'s onnxruntime computes a convolution's channels in, found by asking it:
