@@ -262,20 +262,6 @@ def test_paired_latency_gives_a_ratio_with_its_spread(tmp_path, to_onnx):
     assert ratio_verdict(2.0, 1.8, 2.2) == "2.00x slower"
 
 
-def _optimized_ops(path: str | bytes) -> list[str]:
-    """The operators of the graph onnxruntime CPU runs for `path` (its optimized model)."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-
-
 def test_the_runtime_block_is_the_channel_count_onnxruntime_keeps_in_one_layout():
     from stages.onnx_convert.runtime import _stays_blocked, channel_block
 
@@ -295,7 +281,7 @@ def test_channels_are_cut_by_default_in_the_runtimes_block_and_the_cut_runs_in_o
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_graph
     from stages.import_onnx import import_onnx
-    from stages.onnx_convert.runtime import channel_block
+    from stages.onnx_convert.runtime import channel_block, optimized_ops
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), nn.MaxPool2d(2),
@@ -313,7 +299,7 @@ def test_channels_are_cut_by_default_in_the_runtimes_block_and_the_cut_runs_in_o
     assert sum(kept) < meta["channels_total"]
     x = np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)
     cut = cut_graph(imported.normalized_path, masks.masks_path, tmp_path / "cut", images=x)
-    ops = _optimized_ops(str(cut.cut_path))
+    ops = optimized_ops(cut.cut_path)
     assert ops.count("ReorderOutput") <= 1 and ops.count("ReorderInput") <= 1, ops
 
 
