@@ -63,10 +63,11 @@ def quick_from_env() -> bool:
 
 
 def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str = "params",
-             target_latency: float | None = None, latency_batch: int = 1, weight_sparsity: float | None = None) -> dict:
+             target_latency: float | None = None, latency_batch: int = 1, weight_sparsity: float | None = None,
+             ranking: str = "global") -> dict:
     """Export, import, channel FORCE masks under `budget` and the proven cut of one network; cached in its work
     directory. `target_latency`: the sparsity is searched for that latency ratio at `latency_batch` instead;
-    `weight_sparsity`: the weights removed as well (a second budget)."""
+    `weight_sparsity`: the weights removed as well (a second budget); `ranking`: --channel-ranking."""
     from pipeline.data import load_data, mask_batches
     from stages.compute_masks import compute_masks_stage
     from stages.cut_channels import cut_graph
@@ -81,7 +82,8 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
     what = f"{sparsity:g}" if target_latency is None else f"target{target_latency:g}-b{latency_batch}"
     out = base / (f"channel-{what}" + ("" if multiple == UNNAMED_MULTIPLE else f"-m{multiple}")
                   + ("" if budget == "params" else f"-{budget}")
-                  + ("" if weight_sparsity is None else f"-w{weight_sparsity:g}"))
+                  + ("" if weight_sparsity is None else f"-w{weight_sparsity:g}")
+                  + ("-per-group" if ranking == "per-group" else ""))  # cells cut before per-group ranking: none
     done = out / "cut.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -92,12 +94,14 @@ def cut_cell(arch: str, size: int, sparsity: float, multiple: int, budget: str =
     masks = compute_masks_stage(base / "normalized.onnx", out / "masks.npz", method="force", density=1 - sparsity,
                                 steps=MASK_STEPS, batches=batches, seed=0, device="cpu", structure="channel",
                                 channel_multiple=multiple, budget=budget, latency_batch=latency_batch,
-                                target_latency=target_latency, weight_sparsity=weight_sparsity)
+                                target_latency=target_latency, weight_sparsity=weight_sparsity,
+                                channel_ranking=ranking)
     t_masks = time.perf_counter() - t0
     meta = json.loads(masks.meta_path.read_text())
     images = batches[0][0][:8].numpy()
     cut = cut_graph(base / "normalized.onnx", masks.masks_path, out, images=images)
     cell = {"arch": arch, "size": size, "sparsity": meta["target_sparsity"], "multiple": multiple, "budget": budget,
+            "ranking": ranking,
             "latency_probes": meta.get("latency_probes"),
             "dense": str(dense),
             "cut": str(cut.cut_path),

@@ -147,10 +147,14 @@ def _echo_json(obj) -> None:
               help="--budget latency: the batch the layers are timed at")
 @click.option("--weight-sparsity", type=float, default=None,
               help="--budget macs or latency: also remove at least this fraction of the prunable weights")
+@click.option("--channel-ranking", type=click.Choice(["global", "per-group"]),
+              default=_config_default("channel_ranking"), show_default=True,
+              help="channels ranked by their saliency, or by their saliency over their group's mean")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
-              train_norm, min_per_layer, structure, channel_multiple, budget, latency_batch, weight_sparsity, out):
+              train_norm, min_per_layer, structure, channel_multiple, budget, latency_batch, weight_sparsity,
+              channel_ranking, out):
     """Compute pruning masks for an ONNX MODEL; masks.npz is keyed by ONNX initializer name."""
     from stages.run.tools import masks_for
 
@@ -158,7 +162,8 @@ def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batche
                        batch_size=batch_size, batches_per_step=batches_per_step,
                        image_size=tuple(image_size) if image_size else None, seed=seed, train_norm=train_norm,
                        min_per_layer=min_per_layer, structure=structure, channel_multiple=channel_multiple,
-                       budget=budget, latency_batch=latency_batch, weight_sparsity=weight_sparsity)
+                       budget=budget, latency_batch=latency_batch, weight_sparsity=weight_sparsity,
+                       channel_ranking=channel_ranking)
     click.echo(f"{result.masks_path}: {method}, kept {result.kept}/{result.total} "
                f"(sparsity {1 - result.density:.4f}), {len(result.disconnected)} disconnected layers; "
                f"sidecar {result.meta_path}")

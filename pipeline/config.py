@@ -29,10 +29,11 @@ ATTENTION_RECIPES: dict[str, dict] = {
 }
 
 
-def resolve_budget(budget: str | None, structure: str, weight_sparsity: float | None = None) -> str:
+def resolve_budget(budget: str | None, structure: str, weight_sparsity: float | None = None,
+                   channel_ranking: str = "global") -> str:
     """What --sparsity counts: the budget given, else MACs for channels (they are cut for speed) and weights for
-    single weights. Raises ValueError for a MACs budget on single weights, and for a --weight-sparsity that is not a
-    fraction in [0, 1) beside a channel budget of MACs or time."""
+    single weights. Raises ValueError for a MACs budget on single weights, for a --weight-sparsity that is not a
+    fraction in [0, 1) beside a channel budget of MACs or time, and for a --channel-ranking without channels."""
     if budget is None:
         budget = "macs" if structure == "channel" else "params"
     elif budget in ("macs", "latency") and structure != "channel":
@@ -42,6 +43,8 @@ def resolve_budget(budget: str | None, structure: str, weight_sparsity: float | 
         raise ValueError(f"--weight-sparsity is a second budget, a fraction in [0, 1) (got {weight_sparsity:g}), "
                          "beside --budget macs or latency with --structure channel; for weights alone give --sparsity "
                          "with --budget params")
+    if channel_ranking != "global" and structure != "channel":
+        raise ValueError(f"--channel-ranking {channel_ranking} ranks channels: it needs --structure channel")
     return budget
 
 
@@ -80,6 +83,11 @@ class CompressConfig(BaseModel):
                           "(multiply-accumulates per image, where activations are large) or latency (each layer's "
                           "time, measured alone on onnxruntime at --latency-batch and cached). Default: macs for "
                           "--structure channel, params otherwise")
+    channel_ranking: Literal["global", "per-group"] = Field(
+        "global", description="channel structure: global ranks channels by their saliency, as FORCE ranks weights; "
+                              "per-group by their saliency over their group's mean, so that a MACs or latency budget "
+                              "spreads over the layers by what their channels cost (more parameters at the same "
+                              "latency; README, Beside Torch-Pruning)")
     latency_batch: int = Field(1, ge=1, le=4096, description="channel structure: the batch the model serves at; "
                                                                "--budget latency and --target-latency time it there")
     target_latency: float | None = Field(
@@ -193,7 +201,8 @@ class CompressConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budget(self) -> CompressConfig:
-        object.__setattr__(self, "budget", resolve_budget(self.budget, self.structure, self.weight_sparsity))
+        object.__setattr__(self, "budget", resolve_budget(self.budget, self.structure, self.weight_sparsity,
+                                                         self.channel_ranking))
         if self.target_latency is not None and self.structure != "channel":
             raise ValueError("--target-latency needs --structure channel: zeros inside dense weights do not make "
                              "the model faster on onnxruntime")

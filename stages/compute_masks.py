@@ -67,7 +67,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                         min_per_layer: int = 0, structure: str = "unstructured",
                         channel_multiple: int | None = None, output_kind: str = "logits", budget: str = "params",
                         latency_batch: int = 1, target_latency: float | None = None,
-                        weight_sparsity: float | None = None) -> MaskResult:
+                        weight_sparsity: float | None = None, channel_ranking: str = "global") -> MaskResult:
     """Masks over the ParamMap's prunable weights (Conv/ConvTranspose/Gemm/MatMul initializers), on
     `device` (auto: CUDA when present; the sidecar records which, as masks may differ across devices).
     `train_norm`: BatchNorm-fused layers get their train-time BatchNorm (batch statistics, as training uses);
@@ -84,7 +84,8 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
     `target_latency`: the density is searched for (`_latency_search`) so that the cut model runs in at most that
     fraction of the input's time at `latency_batch` on onnxruntime; `density` is then not used.
     `weight_sparsity` (with `budget` macs or latency): at least that fraction of the prunable weights is removed as
-    well, the channels chosen within both budgets."""
+    well, the channels chosen within both budgets. `channel_ranking`: "global" ranks channels by their score,
+    "per-group" by their score over their group's mean."""
     if method not in force_core.available_methods(structure):
         known = ", ".join(sorted(force_core.available_methods(structure)))
         kind = "" if structure == "unstructured" else f"{structure} "
@@ -122,6 +123,7 @@ def compute_masks_stage(normalized_path: str | os.PathLike, out_path: str | os.P
                                   progress=progress, multiple=channel_multiple, loss_fn=LOSSES[output_kind],
                                   costs=costs, unit=BUDGET_UNITS[budget], on_collapse=on_collapse,
                                   weight_density=None if weight_sparsity is None else 1.0 - weight_sparsity,
+                                  per_group=channel_ranking == "per-group",
                                   **({} if collapse_ratio is None else {"collapse_ratio": collapse_ratio}))
 
         if target_latency is None:
@@ -266,7 +268,8 @@ def _channel_masks(module, model: onnx.ModelProto, plan: Plan, param_map: ParamM
             "channels_kept": sum(len(v) for v in keep.values()), "channels_total": sum(g.size for g in groups),
             "blocked": blocked, "channel_multiple": result.meta["multiple"],
             **{k: v for k, v in result.meta.items() if k in ("step_losses", "achieved_density", "unprunable_groups",
-                                                               "kept_cost", "total_cost", "weight_density")}}
+                                                               "kept_cost", "total_cost", "weight_density",
+                                                               "ranking")}}
     return result.masks, meta
 
 
@@ -377,6 +380,7 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
             min_per_layer=config.min_per_layer, structure=config.structure, channel_multiple=config.channel_multiple,
             output_kind=output_kind, budget=config.budget, latency_batch=config.latency_batch,
             target_latency=config.target_latency, weight_sparsity=config.weight_sparsity,
+            channel_ranking=config.channel_ranking,
         )
     finally:
         bar.close()
@@ -385,5 +389,5 @@ def masks_stage(normalized_path: str, run_dir: str, config, data, output_kind: s
 STAGE = Stage("masks", masks_stage, outputs=(RunFiles.MASKS, RunFiles.MASKS_META),
               reads=DATA_FIELDS | {"method", "sparsity", "structure", "steps", "schedule", "mask_batch_size",
                                    "mask_batches_per_step", "min_per_layer", "on_collapse", "channel_multiple",
-                                   "budget", "latency_batch", "target_latency", "weight_sparsity", "train_norm",
-                                   "recipe", "device"})
+                                   "budget", "latency_batch", "target_latency", "weight_sparsity", "channel_ranking",
+                                   "train_norm", "recipe", "device"})

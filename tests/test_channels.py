@@ -288,6 +288,32 @@ def test_a_cost_budget_ranks_channels_by_score_per_cost_and_keeps_the_cost_withi
     assert {n: v.tolist() for n, v in ones.keep.items()} == {n: v.tolist() for n, v in plain.keep.items()}
 
 
+@pytest.mark.parametrize("density", [0.7, 0.4])
+def test_ranked_per_group_channels_compete_on_their_score_over_their_groups_mean(density):
+    """Scores that fall with depth (the second group's 100 times smaller, as connection sensitivity at init): ranked
+    globally, the price cannot win the deep channels back; ranked per group, the selection is the knapsack on each
+    score over its group's mean, whatever each group's scale."""
+    model, groups, params = plain_net(seed=1)
+    costs = {"0.weight": 64, "3.weight": 16, "8.weight": 1}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    values = torch.randperm(20, generator=torch.Generator().manual_seed(5)).float() + 1
+    deep_small = torch.cat([values[:8], values[8:] / 100])
+    keeps = {}
+    for label, given, per_group in (("global", deep_small, False), ("per group", deep_small, True),
+                                    ("per group, other scales", torch.cat([values[:8] * 7, values[8:]]), True)):
+        name = f"test_given_scores_ranking_{density}_{label}"
+        force_core.register_method(name, structure="channel", single_shot=True, needs_data=False)(given_scores(given))
+        result = compute_channel_masks(model, None, groups, method=name, density=density, params=params, costs=costs,
+                                       per_group=per_group)
+        assert result.meta["ranking"] == ("per group" if per_group else "global")
+        keeps[label] = {n: v.tolist() for n, v in result.keep.items()}
+    total = sum(shapes[n].numel() * costs[n] for n in params)
+    normalized = torch.cat([values[:8] / values[:8].mean(), values[8:] / values[8:].mean()])
+    expected, _ = brute_force_keep(groups, normalized, shapes, params, kept_count(density, total), costs)
+    assert keeps["per group"] == keeps["per group, other scales"] == {n: v.tolist() for n, v in expected.items()}
+    assert sum(keeps["per group"]["3"]) > sum(keeps["global"]["3"])
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(("density", "weight_density"), [(0.5, 0.3), (0.6, 0.25), (0.4, 0.5), (0.7, 0.2)])
 def test_a_cost_and_a_weight_budget_together_keep_channels_within_both_near_the_exact_best(seed, density,

@@ -58,6 +58,7 @@ def test_channel_structure_publishes_a_smaller_model_that_computes_what_was_vali
     run_dir = tmp_path / s["run_dir"]
     meta = json.loads((run_dir / "masks.json").read_text())
     assert meta["structure"] == "channel" and 0 < meta["channels_kept"] < meta["channels_total"]
+    assert meta["ranking"] == "global"  # as FORCE ranks weights, unless --channel-ranking per-group
     assert all(len(v) >= 1 for v in meta["channels"].values())  # no group loses every channel
     md = (run_dir / "report.md").read_text()
     assert "channels kept" in md and "MACs" in md and "interleaved" in md
@@ -107,12 +108,35 @@ def test_a_method_without_a_channel_form_is_refused_up_front(tiny_at_init, tmp_p
                                          (["--target-latency", "0.5"], "--target-latency needs --structure channel"),
                                          (["--weight-sparsity", "0.5"], "--weight-sparsity is a second budget"),
                                          (["--structure", "channel", "--budget", "params", "--weight-sparsity", "0.5"],
-                                          "--weight-sparsity is a second budget")])
+                                          "--weight-sparsity is a second budget"),
+                                         (["--channel-ranking", "per-group"],
+                                          "--channel-ranking per-group ranks channels")])
 def test_a_compute_or_time_budget_on_single_weights_is_refused_up_front(given, said, tiny_at_init, tmp_path):
     r = _cli([tiny_at_init, *given, "--sparsity", "0.5", "--no-prefect"], tmp_path)
 
     assert r.returncode == 2 and said in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_channels_ranked_per_group_are_what_the_masks_command_writes(tiny_at_init, tmp_path):
+    """--channel-ranking reaches force_core through the masks command: the sidecar records it, and ranking each
+    channel against its own layer keeps channels that the global ranking drops (the tiny CNN's two layers' mean
+    magnitudes differ by their fan-in)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    kept = {}
+    for ranking in ("global", "per-group"):
+        out = tmp_path / f"{ranking}.npz"
+        r = CliRunner().invoke(main, ["masks", tiny_at_init, "--method", "magnitude", "--structure", "channel",
+                                      "--sparsity", "0.5", "--channel-multiple", "1", "--channel-ranking", ranking,
+                                      "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        side = json.loads(out.with_suffix(".json").read_text())
+        assert side["ranking"] == ranking.replace("-", " ")
+        kept[ranking] = side["channels"]
+    assert kept["global"] != kept["per-group"]
 
 
 def test_a_weight_budget_beside_the_macs_budget_keeps_channels_within_both_and_the_gate_checks_both(tiny_at_init,

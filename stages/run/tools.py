@@ -30,12 +30,12 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
               batches_per_step: int = 1, image_size: tuple[int, int] | None = None, seed: int = 0,
               train_norm: bool = True, min_per_layer: int = 0, structure: str = "unstructured",
               channel_multiple: int | None = None, budget: str | None = None, latency_batch: int = 1,
-              weight_sparsity: float | None = None) -> MaskResult:
+              weight_sparsity: float | None = None, channel_ranking: str = "global") -> MaskResult:
     """Masks for `model` written to `out` (masks.npz and its sidecar), on `data` for methods that score on data."""
     if not 0.0 < sparsity < 1.0:
         raise BadInputError(f"--sparsity must be in (0, 1) (pruned fraction), got {sparsity}")
     try:
-        budget = resolve_budget(budget, structure, weight_sparsity)
+        budget = resolve_budget(budget, structure, weight_sparsity, channel_ranking)
     except ValueError as e:
         raise BadInputError(str(e)) from None
     if data is None and force_core.needs_data(method, structure):
@@ -52,7 +52,7 @@ def masks_for(model: str | os.PathLike, out: str | os.PathLike, *, method: str, 
                                    steps=steps, schedule=schedule, batches=batches, batches_per_step=batches_per_step,
                                    seed=seed, train_norm=train_norm, min_per_layer=min_per_layer, structure=structure,
                                    channel_multiple=channel_multiple, budget=budget, latency_batch=latency_batch,
-                                   weight_sparsity=weight_sparsity)
+                                   weight_sparsity=weight_sparsity, channel_ranking=channel_ranking)
 
 
 def apply_masks(model: str | os.PathLike, masks: str | os.PathLike, out: str | os.PathLike, *,
