@@ -13,6 +13,7 @@ BUDGET ?=
 TARGET_LATENCY ?=
 LATENCY_BATCH ?=
 WEIGHT_SPARSITY ?=
+CHANNEL_RANKING ?=
 QUANTIZE ?=
 DATA ?=
 EPOCHS ?=
@@ -95,7 +96,7 @@ compress: install $(MODEL)
 	$(FC) compress $(MODEL) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(STRUCTURE),--structure $(STRUCTURE)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \
 		$(if $(TARGET_LATENCY),--target-latency $(TARGET_LATENCY)) $(if $(LATENCY_BATCH),--latency-batch $(LATENCY_BATCH)) \
-		$(if $(WEIGHT_SPARSITY),--weight-sparsity $(WEIGHT_SPARSITY)) \
+		$(if $(WEIGHT_SPARSITY),--weight-sparsity $(WEIGHT_SPARSITY)) $(if $(CHANNEL_RANKING),--channel-ranking $(CHANNEL_RANKING)) \
 		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(PREPROCESSING),--preprocessing $(PREPROCESSING)) \
 		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
