@@ -297,7 +297,7 @@ class ChannelContext(ScheduleMixin):
         # Scores ranked within their group (`ranking_scores`): each group's mean becomes 1, so a priced budget spreads
         # by what channels cost rather than by the groups' scales. At init, connection sensitivity falls with depth:
         # ranked globally under a latency budget, resnet50's last blocks kept 16 of 512 channels and the cut held
-        # 0.129× the parameters at Torch-Pruning's latency; ranked per group, 0.271× (benchmarks/bench_peer.py).
+        # 0.129× the parameters at Torch-Pruning's latency; ranked per group, 0.272× (benchmarks/bench_peer.py).
         self.per_group = per_group
         blocks = (sizes + multiple - 1) // multiple
         self._n_blocks = int(blocks.sum())
@@ -454,7 +454,7 @@ class ChannelContext(ScheduleMixin):
             if self.weight_cap is None:
                 keep = prefix(score / price.clamp_min(1.0), within_k)
             else:
-                keep = self._two_budgets(prefix, scores, score, price, block, ranked, k)
+                keep = self._two_budgets(prefix, score, price, block, ranked, k, gain=scores.clamp_min(0.0))
         self.keep.copy_(keep)
         self.kept_cost = self.layout.kept(self.keep)
         return self.keep
@@ -462,18 +462,17 @@ class ChannelContext(ScheduleMixin):
     # Mixes of the two prices tried by `_two_budgets`: from the weights' alone (0) to the weighted budget's alone (1).
     PRICE_MIXES = tuple(i / 10 for i in range(11))
 
-    def _two_budgets(self, prefix, scores, score, price, block, ranked, k: int) -> torch.Tensor:
+    def _two_budgets(self, prefix, score, price, block, ranked, k: int, gain: torch.Tensor) -> torch.Tensor:
         """Within both k (the weighted budget) and `weight_cap` (weights): for each mix a of the two prices, each
         normalised by its budget (a Lagrangian price with one multiplier per budget, searched on a grid), the
-        longest prefix of the blocks ranked by score per mixed price that fits both; the mix keeping the most score
-        wins (ties: the earlier mix)."""
+        longest prefix of the blocks ranked by score per mixed price that fits both; the mix keeping the most `gain`
+        (each channel's ranking score, pruned-for-good channels at 0) wins (ties: the earlier mix)."""
         cap = self.weight_cap
         weights = self._weight_price.new_zeros(self._n_blocks).index_add_(0, block, self._weight_price[ranked])
 
         def fits(keep: torch.Tensor) -> bool:
             return self.layout.kept(keep) <= k and self.layout.kept_weights(keep) <= cap
 
-        gain = scores.clamp_min(0.0)  # pruned-for-good channels (-inf) add nothing
         best, best_score = None, -1.0
         for a in self.PRICE_MIXES:
             mixed = a * price / max(k, 1) + (1 - a) * weights / max(cap, 1)
