@@ -149,7 +149,8 @@ def _echo_json(obj) -> None:
               help="--budget macs or latency: also remove at least this fraction of the prunable weights")
 @click.option("--channel-ranking", type=click.Choice(["global", "per-group"]),
               default=_config_default("channel_ranking"), show_default=True,
-              help="channels ranked by their saliency, or by their saliency over their group's mean")
+              help="channels ranked by their saliency, or by their saliency over their group's mean (for models at "
+                   "initialization: README, --channel-ranking)")
 @click.option("--out", "out", default="masks.npz", show_default=True, type=click.Path(dir_okay=False))
 @_handle_errors
 def masks_cmd(model, method, sparsity, steps, schedule, data, batch_size, batches_per_step, image_size, seed,
