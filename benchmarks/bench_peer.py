@@ -98,9 +98,9 @@ def dense_cell(arch: str) -> dict:
 
 
 def our_cell(arch: str, budget: str, sparsity: float, multiple: int, target_latency: float | None = None,
-             weight_sparsity: float | None = None, ranking: str | None = None) -> dict:
+             weight_sparsity: float | None = None, ranking: str = "global") -> dict:
     """Channel FORCE under `budget` at `sparsity` (or at the sparsity its search finds for `target_latency` at batch
-    32; with `weight_sparsity` removing that many weights as well; `ranking`: --channel-ranking, None the default):
+    32; with `weight_sparsity` removing that many weights as well; `ranking`: --channel-ranking):
     bench_structured's cell (compute_masks_stage, the proven cut)."""
     from bench_structured import cut_cell
 
@@ -110,7 +110,7 @@ def our_cell(arch: str, budget: str, sparsity: float, multiple: int, target_late
         f"--target-latency {target_latency:g} --latency-batch 32 (found --sparsity {cell['sparsity']:.4f})"
     if weight_sparsity is not None:
         asked += f" --weight-sparsity {weight_sparsity:.4f}"
-    if ranking is not None:
+    if ranking != "global":
         asked += f" --channel-ranking {ranking}"
     return {"method": f"ours, channel FORCE, --budget {budget} {asked}", "budget": budget,
             "sparsity": cell["sparsity"], "file": cell["cut"], "mask_seconds": cell["mask_seconds"],
@@ -128,7 +128,7 @@ def _costs(path: Path) -> dict:
 
 
 def same_params(arch: str, target_params: int, start: dict, multiple: int, budget: str = "macs",
-                ranking: str | None = None) -> tuple[dict, list]:
+                ranking: str = "global") -> tuple[dict, list]:
     """Our cut under `budget` with the peer's parameter count: a secant search on the sparsity from `start` (a cut
     under that budget), kept params falling as the sparsity rises."""
     from pipeline.errors import BadInputError
