@@ -195,9 +195,7 @@ def _latency_search(masks_at, model: onnx.ModelProto, plan: Plan, input_shape: t
     measured ratio from (density 1, ratio 1), at most LATENCY_PROBES mask computations. BadInputError naming the
     fastest ratio measured when none reaches `target`."""
     aim = LATENCY_AIM * target
-    # Timed as the gate times (stages/measure/forms.py): memory arenas off. With them on, resnet50's cut at batch 32
-    # measured 0.43 of the input's time where the gate measured 0.46, and a search that met 0.45 failed the gate.
-    full = runtime.session(model.SerializeToString(), device=device, arena=False)
+    full = runtime.timed_session(model.SerializeToString(), device=device)  # as the gate times the published file
     probes: list[dict] = []
     found: dict[float, tuple] = {}
     points = [(1.0, 1.0)]
@@ -214,7 +212,7 @@ def _latency_search(masks_at, model: onnx.ModelProto, plan: Plan, input_shape: t
             density = min(0.999, max(density * 1.5, floor * 1.001))
             continue
         cut = cut_channels(model, plan.analysis, keep_arrays(meta["channel_sizes"], meta["channels"]), plan=plan)
-        timed = interleaved_latency([full, runtime.session(cut.SerializeToString(), device=device, arena=False)],
+        timed = interleaved_latency([full, runtime.timed_session(cut.SerializeToString(), device=device)],
                                     input_shape, batch=batch, runs=15, budget_s=6.0)
         ratio = timed[1]["ratio"]["median"]
         probes.append({"sparsity": round(1 - density, 6), "ratio": round(ratio, 4)})

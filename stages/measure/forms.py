@@ -42,9 +42,7 @@ def measure_forms(forms: list[Form], val, input_shape: tuple, *, device: str = "
                   batches: tuple[int, ...] = BATCHES) -> list[dict]:
     """One record per form (in the order given; the first is the reference of the latency ratios), timed at each of
     `batches`."""
-    # Arenas off: every form is held at once and timed at batch 32, and each arena keeps its largest run's buffers
-    # (halonet_h1 at 256×256: 8.3 GB per session, three sessions killed a 24 GiB machine; 7.6 GB in all without).
-    sessions = [runtime.session(f.path, device=device, arena=False) for f in forms]
+    sessions = [runtime.timed_session(f.path, device=device) for f in forms]
     # what we publish also goes through the second runtime; every form still unscored is scored in one pass
     openvino = {i: compile_openvino(f.path) for i, f in enumerate(forms) if f.role != "input"}
     scored = [(i, s) for i, (f, s) in enumerate(zip(forms, sessions, strict=True)) if f.scores is None]
